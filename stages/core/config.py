@@ -1,0 +1,118 @@
+"""Load the run configuration, fill defaults from the JSON Schema, and refuse a bad one by key name."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from stages.core.errors import InputError
+
+__all__ = ["SCHEMA_PATH", "load_config", "validate_config"]
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def _validator_with_defaults(schema: Mapping[str, Any]) -> Any:
+    """A Draft 2020-12 validator that also writes each property's default (jsonschema FAQ recipe)."""
+    from jsonschema import Draft202012Validator, validators
+
+    base_properties = Draft202012Validator.VALIDATORS["properties"]
+
+    def set_defaults(validator: Any, properties: Mapping[str, Any], instance: Any, schema: Any) -> Any:
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from base_properties(validator, properties, instance, schema)
+
+    cls = validators.extend(Draft202012Validator, {"properties": set_defaults})
+    return cls(schema)
+
+
+def _key(path: Any) -> str:
+    parts = []
+    for p in path:
+        parts.append(f"[{p}]" if isinstance(p, int) else (f".{p}" if parts else str(p)))
+    return "".join(parts) or "(top level)"
+
+
+def validate_config(
+    config: dict[str, Any], source: str = "config", schema_path: Path = SCHEMA_PATH, check_paths: bool = True
+) -> dict[str, Any]:
+    """Validate ``config`` in place (defaults filled) and return it.
+
+    Args:
+        config: the parsed configuration.
+        source: what to call the configuration in messages (its file name).
+        schema_path: the JSON Schema (YAML) to validate against.
+        check_paths: also check that dataset folders exist (demo folders are exempt: the pipeline
+            makes them).
+
+    Raises:
+        InputError: naming ``<source>: <key>`` and the problem, for the first problem found.
+    """
+    schema = yaml.safe_load(schema_path.read_text())
+    # defaults of nested objects are filled as the validator descends, so validate twice: the first
+    # pass creates the defaulted sub-objects, the second fills their own defaults and checks them
+    validator = _validator_with_defaults(schema)
+    for _ in range(2):
+        errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+        if errors:
+            err = errors[0]
+            message = err.message
+            if err.validator == "additionalProperties":
+                message = f"unknown key ({err.message})"
+            raise InputError(f"{source}: {_key(err.absolute_path)}", message)
+
+    names = [t["name"] for t in config["tasks"]]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise InputError(f"{source}: tasks", f"duplicate task names {dupes}")
+    for key in ("order", "unseen"):
+        unknown = [n for n in config[key] if n not in names]
+        if unknown:
+            raise InputError(f"{source}: {key}", f"names no task in `tasks`: {unknown}")
+    if len(set(config["order"])) != len(config["order"]):
+        raise InputError(f"{source}: order", "a task appears twice")
+    both = sorted(set(config["order"]) & set(config["unseen"]))
+    if both:
+        raise InputError(f"{source}: unseen", f"tasks {both} are also in `order`; an unseen task must be held back")
+    split = config["preprocess"]["split"]
+    if split["val"] + split["test"] >= 1:
+        raise InputError(f"{source}: preprocess.split", "val + test must leave cases for training (sum < 1)")
+    if check_paths:
+        demo = config["demo"]
+        demo_root = Path(demo["out"]).resolve() if demo["enabled"] else None
+        datasets = [(f"tasks[{i}].dataset", t["dataset"]) for i, t in enumerate(config["tasks"])]
+        if config["foundation"]["pool"]:
+            datasets.append(("foundation.pool", config["foundation"]["pool"]))
+        for key, path in datasets:
+            p = Path(path).resolve()
+            if demo_root is not None and (p == demo_root or demo_root in p.parents):
+                continue
+            if not (p / "dataset.json").is_file() and not (p / "imagesTr").is_dir():
+                raise InputError(f"{source}: {key}", f"{path!r} is not an MSD dataset folder (no dataset.json, no imagesTr/)")
+        ckpt = config["foundation"]["checkpoint"]
+        if ckpt and not Path(ckpt).is_file():
+            raise InputError(f"{source}: foundation.checkpoint", f"{ckpt!r} does not exist")
+    if not config["foundation"]["checkpoint"] and not config["foundation"]["pool"]:
+        raise InputError(f"{source}: foundation", "set `pool` (to pre-train M0) or `checkpoint` (to import it)")
+    if not config["order"]:
+        config["order"] = [n for n in names if n not in config["unseen"]]
+    return config
+
+
+def load_config(path: str | Path, check_paths: bool = True) -> dict[str, Any]:
+    """Read a YAML configuration file and validate it (see :func:`validate_config`)."""
+    p = Path(path)
+    try:
+        config = yaml.safe_load(p.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise InputError(p, f"cannot read the configuration: {err}") from err
+    if not isinstance(config, dict):
+        raise InputError(p, "the configuration must be a mapping of keys to values")
+    return validate_config(config, source=p.name, check_paths=check_paths)

@@ -1,0 +1,59 @@
+# The foundation model M0: pre-trained by self-supervision on the pool, or imported from a checkpoint.
+
+FOUNDATION = f"{RESULTS}/foundation"
+
+
+if config["foundation"]["checkpoint"]:
+
+    rule import_foundation:
+        input:
+            checkpoint=config["foundation"]["checkpoint"],
+            pool=f"{RESULTS}/pool/manifest.parquet" if config["foundation"]["pool"] else [],
+        output:
+            model=f"{FOUNDATION}/model.safetensors",
+            spec=f"{FOUNDATION}/model.json",
+            stats=f"{FOUNDATION}/feature_stats.safetensors",
+        params:
+            code=code_hash("import_checkpoint"),
+            pool=f"--pool {RESULTS}/pool" if config["foundation"]["pool"] else "",
+            settings=import_settings(),
+        log:
+            "logs/foundation/import.log",
+        benchmark:
+            "benchmarks/foundation/import.tsv"
+        conda:
+            "../../envs/segadapt.yaml"
+        resources:
+            mem_mb=4000,
+            runtime=30,
+        shell:
+            "python -m stages.import_checkpoint --checkpoint {input.checkpoint:q} --out {FOUNDATION}"
+            " {params.pool} --settings {params.settings:q} > {log} 2>&1"
+
+else:
+
+    rule pretrain_foundation:
+        input:
+            pool=f"{RESULTS}/pool/manifest.parquet",
+        output:
+            model=f"{FOUNDATION}/model.safetensors",
+            spec=f"{FOUNDATION}/model.json",
+            stats=f"{FOUNDATION}/feature_stats.safetensors",
+            log_table=f"{FOUNDATION}/pretrain_log.parquet",
+        params:
+            code=code_hash("pretrain"),
+            settings=foundation_settings(),
+        log:
+            "logs/foundation/pretrain.log",
+        benchmark:
+            "benchmarks/foundation/pretrain.tsv"
+        conda:
+            "../../envs/segadapt.yaml"
+        threads: 2
+        resources:
+            mem_mb=8000,
+            runtime=240,
+            gpu=gpu_resource(),
+        shell:
+            "OMP_NUM_THREADS={threads} python -m stages.pretrain --pool {RESULTS}/pool --out {FOUNDATION}"
+            " --work {RESULTS}/work/foundation --settings {params.settings:q} > {log} 2>&1"

@@ -1,0 +1,49 @@
+# Ingest and preprocess: validate every case, reorient, crop, resample, normalise -> .npy + manifest.
+
+
+rule preprocess_task:
+    input:
+        dataset=get_task_dataset,
+    output:
+        manifest=f"{RESULTS}/data/{{task}}/manifest.parquet",
+        cases=directory(f"{RESULTS}/data/{{task}}/cases"),
+    params:
+        code=code_hash("preprocess"),
+        dataset=get_task_dataset_path,
+        settings=get_task_preprocess_settings,
+    log:
+        "logs/preprocess/{task}.log",
+    benchmark:
+        "benchmarks/preprocess/{task}.tsv"
+    conda:
+        "../../envs/segadapt.yaml"
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "python -m stages.preprocess --dataset {params.dataset:q} --out {RESULTS}/data/{wildcards.task}"
+        " --settings {params.settings:q} > {log} 2>&1"
+
+
+rule preprocess_pool:
+    input:
+        dataset=get_pool_dataset,
+    output:
+        manifest=f"{RESULTS}/pool/manifest.parquet",
+        cases=directory(f"{RESULTS}/pool/cases"),
+    params:
+        code=code_hash("preprocess"),
+        dataset=config["foundation"]["pool"] or "",
+        settings=preprocess_settings(),
+    log:
+        "logs/preprocess/pool.log",
+    benchmark:
+        "benchmarks/preprocess/pool.tsv"
+    conda:
+        "../../envs/segadapt.yaml"
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "python -m stages.preprocess --dataset {params.dataset:q} --out {RESULTS}/pool"
+        " --settings {params.settings:q} > {log} 2>&1"
