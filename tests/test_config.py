@@ -1,0 +1,77 @@
+"""A wrong configuration stops before any job, naming the key; every schema key documents itself."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from stages.core.config import SCHEMA_PATH, load_config, validate_config
+from stages.core.errors import InputError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def demo_config() -> dict[str, Any]:
+    return yaml.safe_load((REPO / "config.yaml").read_text())
+
+
+def test_demo_config_is_valid_and_defaults_are_filled() -> None:
+    config = validate_config(demo_config())
+    assert config["foundation"]["ssl"]["inpaint_weight"] == 1.0  # default from the schema
+    assert config["tasks"][0]["labels"] is None
+    assert config["order"] == ["organ_lesion", "paired_organs", "tubular"]
+
+
+def _walk(schema: dict[str, Any], path: str = "") -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for name, sub in schema.get("properties", {}).items():
+        out.append((f"{path}.{name}".lstrip("."), sub))
+        out += _walk(sub, f"{path}.{name}")
+    if "items" in schema and isinstance(schema["items"], dict):
+        out += _walk(schema["items"], f"{path}[]")
+    return out
+
+
+def test_every_schema_key_has_type_description_default() -> None:
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    for key, sub in _walk(schema):
+        for field in ("type", "description", "default"):
+            assert field in sub, f"schema key {key} lacks {field}"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "key", "problem"),
+    [
+        (lambda c: c["train"].update(steps="many"), "config: train.steps", "is not of type 'integer'"),
+        (lambda c: c["train"].update(stepz=5), "config: train", "unknown key"),
+        (lambda c: c.update(extra=1), "config: (top level)", "unknown key"),
+        (lambda c: c["train"].update(lr=-1.0), "config: train.lr", "less than or equal to the minimum"),
+        (lambda c: c["tasks"][0].update(name="bad name"), "config: tasks[0].name", "does not match"),
+        (lambda c: c["tasks"].append(dict(c["tasks"][0])), "config: tasks", "duplicate task names"),
+        (lambda c: c.update(order=["nope"]), "config: order", "names no task"),
+        (lambda c: c.update(unseen=["organ_lesion"]), "config: unseen", "also in `order`"),
+        (lambda c: c["preprocess"]["split"].update(val=0.5, test=0.5), "config: preprocess.split", "sum < 1"),
+        (lambda c: c["foundation"].update(arch="resnet"), "config: foundation.arch", "is not one of"),
+        (lambda c: c["foundation"].update(pool=None), "config: foundation", "set `pool`"),
+        (lambda c: c["demo"].update(enabled=False), "config: tasks[0].dataset", "is not an MSD dataset folder"),
+        (lambda c: c["foundation"].update(checkpoint="/nonexistent/m.pt"), "config: foundation.checkpoint", "does not exist"),
+    ],
+)
+def test_bad_config_names_the_key(mutate: Any, key: str, problem: str) -> None:
+    config = demo_config()
+    mutate(config)
+    with pytest.raises(InputError) as err:
+        validate_config(copy.deepcopy(config))
+    assert err.value.where == key
+    assert problem in err.value.problem
+
+
+def test_load_config_names_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("seed: [unclosed\n")
+    with pytest.raises(InputError, match="broken.yaml"):
+        load_config(bad)
