@@ -1,0 +1,335 @@
+"""Validate an MSD dataset, then write its preprocessed arrays and a manifest with a seeded split.
+
+``python -m stages.preprocess --dataset DIR --out DIR --settings JSON`` writes ``out/cases/{case}.npy``
+(float32, (1, X, Y, Z)), ``out/cases/{case}_seg.npy`` (uint8 task classes, labelled sets only) and
+``out/manifest.parquet`` (columns in docs/design.md). Every file is checked before anything is
+written; a refused dataset leaves no output.
+
+Settings (defaults in :data:`DEFAULT_SETTINGS`):
+
+- ``labelled`` (bool): read image/label pairs; ``false`` reads every image as an unlabelled pool.
+- ``labels`` (list of int or null): the source label values the task keeps, mapped to classes
+  1..n in the order given; other values become background. ``null`` keeps every declared
+  non-zero label, in ascending order.
+- ``seed`` (int): seeds the split (and the voxel sample for CT statistics).
+- ``split`` ({"val": float, "test": float}): fractions of the cases. Counts are rounded half up
+  (``floor(f * n + 0.5)``); if that leaves no training case, ``val`` and then ``test`` give up cases
+  so that at least one remains. Tiny sets may get 0 val / test cases.
+- ``target_spacing`` ([x, y, z] mm along canonical R, A, S, or null): null takes the per-axis median
+  spacing of all cases.
+- ``normalisation`` ("auto" | "ct" | "mr"): auto is ``ct`` for a CT modality in dataset.json, else ``mr``.
+- ``ct_stats`` ({"mean", "std", "p005", "p995"} or null): fixed CT statistics; null computes them from
+  the training split's foreground (label > 0), which an unlabelled CT pool does not have, so there
+  they are required.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from stages.core.errors import InputError, run_cli
+from stages.core.geometry import (
+    canonical_spacing,
+    ct_statistics,
+    foreground_stats,
+    median_spacing,
+    normalisation_for_modality,
+    preprocess_case,
+    sample_foreground,
+)
+from stages.core.io import make_provenance, save_npy, sha256_file, write_parquet
+from stages.core.msd import Dataset, ValidatedCase, dataset_labels, read_dataset, validate_dataset
+
+__all__ = ["DEFAULT_SETTINGS", "MANIFEST_SCHEMA", "resolve_settings", "split_cases", "run", "main"]
+
+DEFAULT_SETTINGS: dict[str, Any] = {
+    "labelled": True,
+    "labels": None,
+    "seed": 0,
+    "split": {"val": 0.2, "test": 0.2},
+    "target_spacing": None,
+    "normalisation": "auto",
+    "ct_stats": None,
+}
+
+# nnU-Net draws 10,000 foreground voxels per training case for its CT statistics
+CT_SAMPLES_PER_CASE = 10_000
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("case", pa.string()),
+        ("split", pa.string()),
+        ("image_path", pa.string()),
+        ("label_path", pa.string()),
+        ("image_sha256", pa.string()),
+        ("label_sha256", pa.string()),
+        ("orig_shape", pa.list_(pa.int64())),
+        ("orig_spacing", pa.list_(pa.float64())),
+        ("orig_affine", pa.list_(pa.float64())),
+        ("orig_axcodes", pa.string()),
+        ("crop_box", pa.list_(pa.int64())),
+        ("cropped_shape", pa.list_(pa.int64())),
+        ("shape", pa.list_(pa.int64())),
+        ("spacing", pa.list_(pa.float64())),
+        ("intensity_mean", pa.float64()),
+        ("intensity_std", pa.float64()),
+        ("intensity_p005", pa.float64()),
+        ("intensity_p995", pa.float64()),
+        ("label_counts", pa.list_(pa.int64())),
+        ("num_classes", pa.int64()),
+    ]
+)
+
+
+# ------------------------------------------------------------------------------------------ settings
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def resolve_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Check the settings and fill in defaults; raise :class:`InputError` naming the bad key.
+
+    Args:
+        settings: the ``--settings`` object (see the module docstring).
+    """
+    if not isinstance(settings, Mapping):
+        raise InputError("settings", f"must be a JSON object, got {type(settings).__name__}")
+    unknown = sorted(set(settings) - set(DEFAULT_SETTINGS))
+    if unknown:
+        raise InputError("settings", f"unknown keys {unknown} (known: {sorted(DEFAULT_SETTINGS)})")
+    out = {**DEFAULT_SETTINGS, **settings}
+    out["split"] = {**DEFAULT_SETTINGS["split"], **(settings.get("split") or {})}
+
+    if not isinstance(out["labelled"], bool):
+        raise InputError("settings.labelled", f"must be true or false, got {out['labelled']!r}")
+    if not _is_int(out["seed"]):
+        raise InputError("settings.seed", f"must be an integer, got {out['seed']!r}")
+    labels = out["labels"]
+    if labels is not None:
+        if not isinstance(labels, list) or not labels or not all(_is_int(v) for v in labels):
+            raise InputError("settings.labels", f"must be null or a non-empty list of integers, got {labels!r}")
+        if 0 in labels or len(set(labels)) != len(labels):
+            raise InputError("settings.labels", f"must list distinct non-zero label values, got {labels}")
+    split = out["split"]
+    if set(split) - {"val", "test"}:
+        raise InputError("settings.split", f"unknown keys {sorted(set(split) - {'val', 'test'})} (known: val, test)")
+    for key in ("val", "test"):
+        if not _is_number(split[key]) or not 0 <= split[key] < 1:
+            raise InputError(f"settings.split.{key}", f"must be a fraction in [0, 1), got {split[key]!r}")
+    if split["val"] + split["test"] >= 1:
+        raise InputError("settings.split", f"val + test must be below 1 to leave training cases, got {split}")
+    spacing = out["target_spacing"]
+    if spacing is not None and (
+        not isinstance(spacing, list) or len(spacing) != 3 or not all(_is_number(v) and v > 0 for v in spacing)
+    ):
+        raise InputError("settings.target_spacing", f"must be null or 3 positive numbers (mm), got {spacing!r}")
+    if out["normalisation"] not in ("auto", "ct", "mr"):
+        raise InputError("settings.normalisation", f"must be 'auto', 'ct' or 'mr', got {out['normalisation']!r}")
+    stats = out["ct_stats"]
+    if stats is not None:
+        keys = ("mean", "std", "p005", "p995")
+        if not isinstance(stats, Mapping) or set(stats) != set(keys) or not all(_is_number(stats[k]) for k in keys):
+            raise InputError("settings.ct_stats", f"must be null or an object with numbers {list(keys)}, got {stats!r}")
+        if stats["std"] <= 0 or stats["p005"] > stats["p995"]:
+            raise InputError("settings.ct_stats", f"needs std > 0 and p005 <= p995, got {dict(stats)}")
+    return out
+
+
+def split_cases(case_ids: Sequence[str], seed: int, val: float, test: float) -> dict[str, str]:
+    """Assign each case to ``train`` / ``val`` / ``test``, reproducibly from the seed.
+
+    The sorted ids are shuffled with ``numpy.random.Generator(PCG64(seed))``; the first
+    ``round(test * n)`` go to test, the next ``round(val * n)`` to val, the rest to train (rounding
+    half up; val, then test, shrink so that at least one training case remains).
+
+    Args:
+        case_ids: the case ids.
+        seed: the split seed.
+        val: fraction of validation cases.
+        test: fraction of test cases.
+    """
+    ids = sorted(case_ids)
+    n = len(ids)
+    n_test = int(math.floor(test * n + 0.5))
+    n_val = int(math.floor(val * n + 0.5))
+    excess = max(0, n_test + n_val - (n - 1))
+    shrink_val = min(n_val, excess)
+    n_val -= shrink_val
+    n_test -= min(n_test, excess - shrink_val)
+    order = np.random.default_rng(seed).permutation(n)
+    split: dict[str, str] = {}
+    for rank, index in enumerate(order):
+        split[ids[int(index)]] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+    return split
+
+
+# -------------------------------------------------------------------------------------------- helpers
+
+
+def _label_map(dataset: Dataset, labels: dict[int, str], kept: list[int] | None) -> dict[int, int]:
+    if kept is None:
+        kept = sorted(v for v in labels if v != 0)
+    missing = [v for v in kept if v not in labels]
+    if missing:
+        raise InputError(
+            "settings.labels", f"values {missing} are not labels of {dataset.root} (labels: {labels})"
+        )
+    return {source: cls for cls, source in enumerate(kept, start=1)}
+
+
+def _load_image(case: ValidatedCase) -> tuple[nib.Nifti1Image, np.ndarray]:
+    img = nib.load(case.image)
+    data = np.asanyarray(img.dataobj)
+    data = data.reshape(data.shape[:3])  # validation allowed only trailing singleton axes
+    return nib.Nifti1Image(data.astype(np.float32, copy=False), img.affine), data
+
+
+def _load_label(case: ValidatedCase) -> np.ndarray:
+    assert case.label is not None
+    data = np.asanyarray(nib.load(case.label).dataobj)
+    data = data.reshape(data.shape[:3])
+    # validation checked the values are whole numbers; float32 labels (two MSD cases) are cast here
+    return np.rint(data).astype(np.int64) if data.dtype.kind == "f" else data.astype(np.int64, copy=False)
+
+
+def _dataset_ct_stats(cases: list[ValidatedCase], seed: int) -> dict[str, float]:
+    rng = np.random.default_rng([seed, 1])  # its own stream, independent of the split's
+    samples = []
+    for case in tqdm(cases, desc="CT statistics", mininterval=2):
+        _, image = _load_image(case)
+        samples.append(sample_foreground(image, _load_label(case) > 0, CT_SAMPLES_PER_CASE, rng))
+    if not any(s.size for s in samples):
+        where = cases[0].label if cases else "settings.split"
+        raise InputError(where, "the training cases have no foreground voxels to compute CT statistics from")
+    return ct_statistics(samples)
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+def run(dataset: Path, out: Path, settings: Mapping[str, Any]) -> None:
+    """Validate ``dataset`` and write the preprocessed cases and ``manifest.parquet`` under ``out``.
+
+    Args:
+        dataset: the MSD dataset folder.
+        out: the output folder (``cases/`` and ``manifest.parquet``).
+        settings: see the module docstring.
+    """
+    dataset, out = Path(dataset), Path(out)
+    cfg = resolve_settings(settings)
+    labelled = cfg["labelled"]
+    seed = cfg["seed"]
+
+    ds = read_dataset(dataset, labelled=labelled)
+    cases = validate_dataset(ds, labelled=labelled)
+    norm = cfg["normalisation"]
+    if norm == "auto":
+        norm = normalisation_for_modality(ds.modality)
+    target = cfg["target_spacing"] or median_spacing([canonical_spacing(c.affine) for c in cases])
+
+    if labelled:
+        labels = dataset_labels(ds, cases)
+        label_map: dict[int, int] | None = _label_map(ds, labels, cfg["labels"])
+        num_classes: int | None = len(label_map) + 1
+        split = split_cases([c.case_id for c in cases], seed, cfg["split"]["val"], cfg["split"]["test"])
+    else:
+        labels, label_map, num_classes = {}, None, None
+        split = {c.case_id: "pool" for c in cases}
+
+    ct_stats = cfg["ct_stats"]
+    if norm == "ct" and ct_stats is None:
+        if not labelled:
+            raise InputError(
+                "settings.ct_stats", "CT normalisation of an unlabelled set needs ct_stats (mean, std, p005, p995)"
+            )
+        ct_stats = _dataset_ct_stats([c for c in cases if split[c.case_id] == "train"], seed)
+
+    rows = []
+    for case in tqdm(cases, desc=f"preprocess {ds.name}", mininterval=2):
+        image, raw = _load_image(case)
+        label = _load_label(case) if labelled else None
+        array, seg, geometry = preprocess_case(image, label, target, norm, ct_stats, label_map)
+        stats = foreground_stats(raw, label > 0 if label is not None else None)
+        save_npy(array, out / "cases" / f"{case.case_id}.npy")
+        counts = None
+        if seg is not None:
+            save_npy(seg, out / "cases" / f"{case.case_id}_seg.npy")
+            assert num_classes is not None
+            counts = [int(v) for v in np.bincount(seg.ravel(), minlength=num_classes)]
+        rows.append(
+            {
+                "case": case.case_id,
+                "split": split[case.case_id],
+                "image_path": str(case.image),
+                "label_path": str(case.label) if case.label is not None else None,
+                "image_sha256": case.image_sha256,
+                "label_sha256": case.label_sha256,
+                **{key: geometry[key] for key in (
+                    "orig_shape", "orig_spacing", "orig_affine", "orig_axcodes",
+                    "crop_box", "cropped_shape", "shape", "spacing",
+                )},
+                "intensity_mean": stats["mean"],
+                "intensity_std": stats["std"],
+                "intensity_p005": stats["p005"],
+                "intensity_p995": stats["p995"],
+                "label_counts": counts,
+                "num_classes": num_classes,
+            }
+        )
+
+    inputs: dict[str, str] = {}
+    if (dataset / "dataset.json").is_file():
+        inputs[str(dataset / "dataset.json")] = sha256_file(dataset / "dataset.json")
+    for case in cases:
+        inputs[str(case.image)] = case.image_sha256
+        if case.label is not None and case.label_sha256 is not None:
+            inputs[str(case.label)] = case.label_sha256
+    provenance = make_provenance(
+        "preprocess",
+        dict(settings),
+        inputs=inputs,
+        seed=seed,
+        dataset=ds.name,
+        labels={str(k): v for k, v in labels.items()},
+        label_map={str(k): v for k, v in (label_map or {}).items()},
+        num_classes=num_classes,
+        normalisation=norm,
+        target_spacing=[float(v) for v in target],
+        ct_stats=dict(ct_stats) if ct_stats is not None else None,
+    )
+    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    write_parquet(table, out / "manifest.parquet", provenance)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse the command line and call :func:`run`."""
+    parser = argparse.ArgumentParser(prog="python -m stages.preprocess", description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", type=Path, required=True, help="MSD dataset folder")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (cases/, manifest.parquet)")
+    parser.add_argument("--settings", default="{}", help="JSON object of settings (see the module docstring)")
+    args = parser.parse_args(argv)
+    try:
+        settings = json.loads(args.settings)
+    except json.JSONDecodeError as err:
+        raise InputError("--settings", f"not valid JSON: {err}") from err
+    run(args.dataset, args.out, settings)
+
+
+if __name__ == "__main__":
+    run_cli(main)
