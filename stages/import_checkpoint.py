@@ -1,0 +1,303 @@
+"""Import an external checkpoint (MONAI SwinUNETR self-supervised weights or a plain state dict) as a model folder.
+
+``python -m stages.import_checkpoint --checkpoint FILE --out DIR --settings JSON`` writes the same
+``model.safetensors`` + ``model.json`` as :func:`stages.core.nets.save_model`. Settings:
+
+- ``format``: ``"monai_swin_ssl"`` (the weights of Tang et al.'s SwinUNETR self-supervised pre-training:
+  ``swinViT.*`` / ``swin_vit.*`` keys or bare Swin keys, optionally ``module.``-prefixed, optionally with
+  their ``rotation_head.*``, ``contrastive_head.*`` and ``conv.*`` heads) or ``"state_dict"`` (keys that,
+  after ``prefix_map``, are exactly this project's ``backbone.*`` / ``ssl_heads.*`` / ``seg_heads.*``);
+- ``arch``, ``arch_kwargs``, ``in_channels`` (default 1): the network (:class:`FoundationNet`);
+- ``prefix_map``: ``{"old.prefix.": "new.prefix."}`` applied to every key (longest match first);
+- ``drop``: key prefixes to discard on purpose (recorded);
+- ``ssl``: SSL settings (:data:`stages.core.nets.DEFAULT_SSL`); its ``heads`` are those found in the
+  checkpoint unless given;
+- ``seed`` (default 0): initialises what the checkpoint does not hold (``monai_swin_ssl`` only: the
+  SwinUNETR convolutional encoder/decoder blocks, which Tang et al.'s pre-training does not train);
+- ``preprocessing``: recorded in ``model.json`` as given.
+
+``monai_swin_ssl`` mapping: Swin keys go to ``backbone.swinViT.*`` (older ``mlp.fc1/fc2`` names become
+``mlp.linear1/linear2``); ``rotation_head`` -> ``ssl_heads.rotation`` and ``contrastive_head`` ->
+``ssl_heads.contrastive``, read from single tokens of the bottleneck as in Tang et al.'s SSLHead
+(``ssl.head_input = "token"``); ``conv.*`` (a decoder from the bottleneck straight to the image) has no
+counterpart in our reconstruction head (a 1x1x1 conv on the SwinUNETR decoder) and is dropped, so such a
+model has no inpainting head: ``has_ssl_heads`` is false (MDS / DKD use the feature fallback) unless the
+``ssl.weights`` give inpainting weight 0 (rotation-only scoring). The backbone's own output conv
+(``final_conv`` / ``out``) is dropped in both formats. Anything else that does not map is an error that
+lists the missing and unexpected keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stages.core.errors import InputError, run_cli
+from stages.core.io import load_safetensors, make_provenance
+from stages.core.nets import ARCHS, FoundationNet, check_state_dict, save_model, seed_from
+
+__all__ = ["FORMATS", "main", "map_keys", "read_checkpoint", "run"]
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("monai_swin_ssl", "state_dict")
+_KNOWN_SETTINGS = {
+    "format",
+    "arch",
+    "arch_kwargs",
+    "in_channels",
+    "prefix_map",
+    "drop",
+    "ssl",
+    "heads",
+    "seed",
+    "preprocessing",
+}
+_OUTPUT_CONV = {"basicunet": "backbone.final_conv.", "swinunetr": "backbone.out."}
+_SWIN_BLOCKS = (
+    "encoder1.",
+    "encoder2.",
+    "encoder3.",
+    "encoder4.",
+    "encoder10.",
+    "decoder5.",
+    "decoder4.",
+    "decoder3.",
+    "decoder2.",
+    "decoder1.",
+    "out.",
+)
+
+
+def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """Read a ``.safetensors`` or torch (``.pt``/``.pth``/``.bin``/``.ckpt``) state dict onto the CPU.
+
+    Torch files are read with ``weights_only=True``; a ``{"state_dict": ...}`` or ``{"model": ...}``
+    wrapper is unwrapped (nested wrappers too).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "checkpoint not found")
+    try:
+        if path.suffix == ".safetensors":
+            obj: Any = load_safetensors(path)
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any reader failure is bad input here
+        raise InputError(path, f"cannot read checkpoint: {type(err).__name__}: {err}") from err
+    for _ in range(3):
+        if isinstance(obj, Mapping):
+            inner = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), Mapping)), None)
+            if inner is not None:
+                obj = inner
+                continue
+        break
+    if not isinstance(obj, Mapping) or not obj:
+        raise InputError(
+            path, "no state dict found (expected a mapping of tensors, maybe under 'state_dict' or 'model')"
+        )
+    bad = sorted(str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor))
+    if bad:
+        raise InputError(path, f"entries that are not tensors: {bad[:10]}")
+    return {str(k): v for k, v in obj.items()}
+
+
+def _apply_prefix_map(state: Mapping[str, torch.Tensor], prefix_map: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    order = sorted(prefix_map, key=len, reverse=True)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        new = key
+        for old in order:
+            if key.startswith(old):
+                new = prefix_map[old] + key[len(old) :]
+                break
+        out[new] = value
+    return out
+
+
+def _map_swin_key(key: str) -> str | None:
+    """Our name for a key of Tang et al.'s SSL checkpoint (``module.`` already stripped), or None."""
+    for prefix in ("swinViT.", "swin_vit."):
+        if key.startswith(prefix):
+            key = "swinViT." + key[len(prefix) :]
+            break
+    else:
+        if key.startswith(("patch_embed.", "layers")):
+            key = "swinViT." + key
+        elif key.startswith("rotation_head."):
+            return "ssl_heads.rotation." + key[len("rotation_head.") :]
+        elif key.startswith("contrastive_head."):
+            return "ssl_heads.contrastive." + key[len("contrastive_head.") :]
+        elif key.startswith(_SWIN_BLOCKS):
+            return "backbone." + key
+        else:
+            return None
+    return "backbone." + key.replace(".mlp.fc1.", ".mlp.linear1.").replace(".mlp.fc2.", ".mlp.linear2.")
+
+
+def map_keys(
+    state: Mapping[str, torch.Tensor], fmt: str, prefix_map: Mapping[str, str], drop: Sequence[str], arch: str
+) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """Rename checkpoint keys to ours.
+
+    Returns:
+        (mapped state, dropped original keys, original keys that map to nothing).
+    """
+    state = _apply_prefix_map(state, prefix_map)
+    mapped: dict[str, torch.Tensor] = {}
+    dropped: list[str] = []
+    unmapped: list[str] = []
+    for key, value in state.items():
+        if any(key.startswith(d) for d in drop):
+            dropped.append(key)
+            continue
+        if fmt == "monai_swin_ssl":
+            bare = key
+            while bare.startswith("module."):
+                bare = bare[len("module.") :]
+            if bare.startswith("conv.") or bare.startswith("out."):
+                dropped.append(key)  # SSLHead's image decoder / SwinUNETR's output conv: no counterpart
+                continue
+            new = _map_swin_key(bare)
+            if new is None:
+                unmapped.append(key)
+                continue
+        else:
+            new = key
+            if new.startswith(_OUTPUT_CONV[arch]):
+                dropped.append(key)
+                continue
+        if new in mapped:
+            raise InputError(key, f"two checkpoint keys map onto {new!r}")
+        mapped[new] = value
+    return mapped, sorted(dropped), sorted(unmapped)
+
+
+def _heads_in(state: Mapping[str, torch.Tensor]) -> tuple[list[str], dict[str, int]]:
+    ssl = sorted({k.split(".")[1] for k in state if k.startswith("ssl_heads.")})
+    seg = {
+        k.split(".")[1]: int(v.shape[0])
+        for k, v in state.items()
+        if k.startswith("seg_heads.") and k.endswith(".weight")
+    }
+    return ssl, seg
+
+
+def run(checkpoint: Path, out: Path, settings: Mapping[str, Any]) -> Path:
+    """Map ``checkpoint`` onto a :class:`FoundationNet` and write the model folder ``out``.
+
+    Everything is validated before anything is written.
+
+    Args:
+        checkpoint: the external weights file.
+        out: the model folder to write.
+        settings: see the module docstring.
+
+    Returns:
+        ``out``.
+    """
+    checkpoint, out = Path(checkpoint), Path(out)
+    unknown = sorted(set(settings) - _KNOWN_SETTINGS)
+    if unknown:
+        raise InputError("--settings", f"unknown keys {unknown}; known: {sorted(_KNOWN_SETTINGS)}")
+    fmt = settings.get("format")
+    if fmt not in FORMATS:
+        raise InputError("--settings.format", f"must be one of {list(FORMATS)}, got {fmt!r}")
+    arch = settings.get("arch")
+    if arch not in ARCHS:
+        raise InputError("--settings.arch", f"must be one of {list(ARCHS)}, got {arch!r}")
+    if fmt == "monai_swin_ssl" and arch != "swinunetr":
+        raise InputError("--settings.arch", "format monai_swin_ssl needs arch 'swinunetr'")
+    prefix_map = dict(settings.get("prefix_map") or {})
+    drop = list(settings.get("drop") or [])
+    seed = int(settings.get("seed", 0))
+
+    state = read_checkpoint(checkpoint)
+    mapped, dropped, unmapped = map_keys(state, fmt, prefix_map, drop, arch)
+    if unmapped:
+        raise InputError(
+            checkpoint, f"keys that map to nothing ({len(unmapped)}): {unmapped[:20]} (use 'drop' or 'prefix_map')"
+        )
+    found_ssl, found_seg = _heads_in(mapped)
+
+    ssl = dict(settings.get("ssl") or {})
+    if ssl.get("heads") is not None:
+        absent = sorted(set(ssl["heads"]) - set(found_ssl))
+        if absent:
+            raise InputError("--settings.ssl.heads", f"heads {absent} are not in {checkpoint} (found {found_ssl})")
+        for head in sorted(set(found_ssl) - set(ssl["heads"])):
+            dropped += sorted(k for k in mapped if k.startswith(f"ssl_heads.{head}."))
+            mapped = {k: v for k, v in mapped.items() if not k.startswith(f"ssl_heads.{head}.")}
+    else:
+        ssl["heads"] = found_ssl
+    if fmt == "monai_swin_ssl" and ssl["heads"]:
+        ssl.setdefault("head_input", "token")
+    if "ssl_heads.contrastive.weight" in mapped:
+        ssl.setdefault("contrastive_dim", int(mapped["ssl_heads.contrastive.weight"].shape[0]))
+    heads = {str(k): int(v) for k, v in (settings.get("heads") or found_seg).items()}
+    try:
+        model = FoundationNet(
+            arch,
+            in_channels=int(settings.get("in_channels", 1)),
+            arch_kwargs=settings.get("arch_kwargs"),
+            ssl=ssl,
+            heads=heads,
+            seed=seed_from("import_checkpoint", seed),
+        )
+    except (ValueError, TypeError) as err:
+        raise InputError("--settings", f"cannot build the network: {err}") from err
+
+    expected = model.state_dict()
+    initialised: list[str] = []
+    if fmt == "monai_swin_ssl":
+        # Tang et al. pre-train only the Swin encoder; the convolutional blocks start from the seed.
+        initialised = sorted(k for k in expected if k not in mapped and not k.startswith("backbone.swinViT."))
+        full = {**{k: expected[k] for k in initialised}, **mapped}
+    else:
+        full = mapped
+    check_state_dict(checkpoint, expected, full)
+    model.load_state_dict(full, strict=True)
+
+    for key in dropped:
+        log.info("dropped %s", key)
+    if initialised:
+        log.info("initialised from seed (%d keys): %s ...", len(initialised), initialised[:5])
+    if not model.has_ssl_heads:
+        log.warning("no usable SSL heads: MDS / DKD will use the feature-distance fallback")
+    provenance = make_provenance(
+        "import_checkpoint",
+        settings=dict(settings),
+        inputs=[checkpoint],
+        seed=seed,
+        dropped_keys=sorted(dropped),
+        initialised_keys=initialised,
+    )
+    extra = {"preprocessing": settings["preprocessing"]} if "preprocessing" in settings else None
+    save_model(model, out, provenance=provenance, extra=extra)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse arguments and call :func:`run`."""
+    parser = argparse.ArgumentParser(prog="python -m stages.import_checkpoint", description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", type=Path, required=True, help="external weights (.pt/.pth/.safetensors)")
+    parser.add_argument("--out", type=Path, required=True, help="model folder to write")
+    parser.add_argument("--settings", required=True, help="JSON object (see the module docstring)")
+    args = parser.parse_args(argv)
+    try:
+        settings = json.loads(args.settings)
+    except json.JSONDecodeError as err:
+        raise InputError("--settings", f"not valid JSON: {err}") from err
+    if not isinstance(settings, dict):
+        raise InputError("--settings", "must be a JSON object")
+    run(args.checkpoint, args.out, settings)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,156 @@
+"""Tests of stages.core.lora: targets, trainable counts, PEFT merge equivalence, adapter round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from stages.core.lora import add_lora, count_trainable, load_adapter, lora_targets, merge_lora, save_adapter
+from stages.core.nets import FoundationNet
+
+TINY_UNET = {"features": [4, 4, 4, 4, 4, 4], "norm": ["group", {"num_groups": 2}]}
+TINY_SWIN = {
+    "feature_size": 12,
+    "depths": [1, 1, 1, 1],
+    "window_size": 4,
+    "norm_name": ["group", {"num_groups": 4}],
+}
+
+
+def _unet() -> FoundationNet:
+    return FoundationNet("basicunet", arch_kwargs=TINY_UNET, ssl={}, heads={"old": 2, "new": 3}, seed=1)
+
+
+def _swin() -> FoundationNet:
+    return FoundationNet("swinunetr", arch_kwargs=TINY_SWIN, ssl={}, heads={"old": 2, "new": 3}, seed=1)
+
+
+def _randomise_lora_b(peft_model: nn.Module, seed: int = 0) -> None:
+    """LoRA B starts at zero (no-op adapter); give it values so the merge has something to fold."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def test_targets_basicunet() -> None:
+    model = _unet()
+    names = lora_targets(model)
+    modules = dict(model.named_modules())
+    assert len(names) == 18  # 2 per TwoConv: conv_0, down_1..4, upcat_4..1
+    assert all(isinstance(modules[n], nn.Conv3d) and modules[n].kernel_size == (3, 3, 3) for n in names)
+    assert all(n.startswith("backbone.") for n in names)
+    assert not any("upsample" in n for n in names)  # transposed convs are not targets
+    assert lora_targets(model, exclude=[r"^backbone\.upcat"]) == [n for n in names if ".upcat_" not in n]
+    assert lora_targets(model, include=[r"conv_0\.conv_0"]) == ["backbone.conv_0.conv_0.conv"]
+
+
+def test_targets_swinunetr() -> None:
+    names = lora_targets(_swin())
+    assert len(names) == 16  # 4 stages x 1 block x (qkv, proj, linear1, linear2)
+    assert {n.rsplit(".", 2)[-2] + "." + n.rsplit(".", 1)[-1] for n in names} == {
+        "attn.qkv",
+        "attn.proj",
+        "mlp.linear1",
+        "mlp.linear2",
+    }
+    assert all(n.startswith("backbone.swinViT.") for n in names)
+
+
+def test_trainable_counts_hand_computed() -> None:
+    # Two 3x3x3 convs: conv_0.conv_0 (1 -> 4) and conv_0.conv_1 (4 -> 4). PEFT's Conv3d LoRA has
+    # A: Conv3d(in, r, 3x3x3, no bias) and B: Conv3d(r, out, 1x1x1, no bias): r * (27 * in + out).
+    r = 2
+    peft_model = add_lora(
+        _unet(),
+        rank=r,
+        alpha=4,
+        targets=["backbone.conv_0.conv_0.conv", "backbone.conv_0.conv_1.conv"],
+        train_heads=["new"],
+    )
+    lora = r * (27 * 1 + 4) + r * (27 * 4 + 4)
+    head = 4 * 3 + 3  # 1x1x1 Conv3d 4 -> 3 with bias, trained fully
+    trainable, total = count_trainable(peft_model)
+    assert trainable == lora + head == 301
+    base_total = sum(p.numel() for p in _unet().parameters())
+    assert total == base_total + lora + head  # PEFT keeps the original head beside its trained copy
+    # every other parameter is frozen
+    names = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert all("lora_" in n or "seg_heads.new" in n for n in names)
+
+
+def test_trainable_counts_swin_linear() -> None:
+    model = _swin()
+    modules = dict(model.named_modules())
+    targets = lora_targets(model)
+    r = 4
+    expected = sum(r * (modules[n].in_features + modules[n].out_features) for n in targets)
+    peft_model = add_lora(model, rank=r, alpha=4, train_heads=())
+    assert count_trainable(peft_model)[0] == expected
+    # stage 1 alone by hand: qkv 12->36, proj 12->12, mlp 12->48 and 48->12
+    assert r * ((12 + 36) + (12 + 12) + (12 + 48) + (48 + 12)) == 768
+    stage1 = [n for n in targets if ".layers1." in n]
+    assert sum(r * (modules[n].in_features + modules[n].out_features) for n in stage1) == 768
+
+
+@pytest.mark.parametrize("arch", ["basicunet", "swinunetr"])
+def test_merge_equivalence(arch: str) -> None:
+    if arch == "swinunetr":
+        pytest.importorskip("einops", reason="MONAI's SwinUNETR forward needs einops")
+    model = (_unet() if arch == "basicunet" else _swin()).eval()
+    shape = (2, 1, 19, 18, 17) if arch == "basicunet" else (1, 1, 32, 32, 32)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        base = model.segment(x, "new")
+    peft_model = add_lora(model, rank=4, alpha=8, train_heads=["new"]).eval()
+    with torch.no_grad():
+        assert torch.allclose(peft_model.segment(x, "new"), base, atol=1e-6)  # B = 0: a no-op
+        _randomise_lora_b(peft_model)
+        adapted = peft_model.segment(x, "new")
+        feats = peft_model.encode(x)
+    assert (adapted - base).abs().max() > 1e-3
+    merged = merge_lora(peft_model)
+    assert type(merged) is FoundationNet
+    assert not any("lora" in k or "modules_to_save" in k for k in merged.state_dict())
+    assert set(merged.state_dict()) == set(_unet().state_dict() if arch == "basicunet" else _swin().state_dict())
+    with torch.no_grad():
+        assert torch.allclose(merged.segment(x, "new"), adapted, atol=1e-5)
+        assert torch.allclose(merged.encode(x), feats, atol=1e-5)
+
+
+def test_adapter_round_trip(tmp_path) -> None:
+    x = torch.randn(1, 1, 16, 17, 18)
+    peft_model = add_lora(_unet(), rank=2, alpha=2, train_heads=["new"]).eval()
+    _randomise_lora_b(peft_model, seed=3)
+    with torch.no_grad():
+        peft_model.base_model.model.seg_heads["new"].modules_to_save["default"].weight.mul_(2.0)
+        expected = peft_model.segment(x, "new")
+    save_adapter(peft_model, tmp_path / "ad", provenance={"stage": "test"})
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert cfg["r"] == 2 and cfg["target_modules"] == lora_targets(_unet())
+    assert cfg["modules_to_save"] == ["seg_heads.new"]
+    assert (tmp_path / "ad" / "adapter_model.safetensors").is_file()
+    reloaded = load_adapter(_unet(), tmp_path / "ad").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded.segment(x, "new"), expected)
+    # saving twice gives the same bytes (no timestamps, sorted keys)
+    save_adapter(reloaded, tmp_path / "ad2", provenance={"stage": "test"})
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / "ad" / name).read_bytes() == (tmp_path / "ad2" / name).read_bytes()
+
+
+def test_bad_arguments(tmp_path) -> None:
+    with pytest.raises(ValueError, match="not in the model"):
+        add_lora(_unet(), targets=["backbone.nope"])
+    with pytest.raises(ValueError, match="no segmentation heads"):
+        add_lora(_unet(), train_heads=["absent"])
+    with pytest.raises(ValueError, match="rank"):
+        add_lora(_unet(), rank=0)
+    from stages.core.errors import InputError
+
+    with pytest.raises(InputError, match="adapter_config.json"):
+        load_adapter(_unet(), tmp_path)
