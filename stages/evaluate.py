@@ -1,4 +1,9 @@
-"""Score predictions against the original labels, per case and class: Dice, HD95 (mm) and NSD, long format."""
+"""Evaluate one model on the test split of one or more tasks: predictions in original geometry, then Dice, HD95 (mm), NSD.
+
+One job per trained model (method, step): every task whose head the model carries is predicted and
+scored, so the sequential matrix R[i, j] (model of step i on task j) comes from one place.
+Metrics follow methods.md §0, in long format (one row per case, class and metric).
+"""
 
 from __future__ import annotations
 
@@ -15,81 +20,96 @@ from tqdm import tqdm
 
 from stages.core.errors import InputError, run_cli
 from stages.core.geometry import apply_label_map
+from stages.core.inference import predict_cases, resolve_device
 from stages.core.io import make_provenance, read_parquet, read_provenance, write_parquet
 from stages.core.metrics import case_metrics
+from stages.core.nets import load_model, model_id
 
-__all__ = ["run", "main"]
+__all__ = ["METRICS", "score_predictions", "run", "main"]
 
 METRICS = ("dice", "hd95", "nsd")
+COLUMNS = ["method", "step", "task", "case", "class", "metric", "value", "flag"]
 
 
-def run(
-    predictions: Path, data: Path, out: Path, method: str, step: str, task: str, settings: dict[str, Any]
-) -> None:
-    """Compare every prediction in ``predictions`` with its ground truth and write ``out`` (Parquet).
-
-    Args:
-        predictions: folder with ``predictions.parquet`` and ``{case}.nii.gz``.
-        data: the task's preprocessed folder (its manifest points at the original labels).
-        out: the metrics Parquet to write.
-        method, step, task: what is being evaluated (method name, the model's training step, the task).
-        settings: ``nsd_tolerance_mm``, ``seed``.
-    """
+def score_predictions(predictions: Path, cases: Sequence[str], data: Path, nsd_tolerance_mm: float) -> list[dict[str, Any]]:
+    """Metric rows (task-agnostic keys: case, class, metric, value, flag) for ``cases`` predicted in ``predictions``."""
     manifest = read_parquet(data / "manifest.parquet").set_index("case")
     label_setting = read_provenance(data / "manifest.parquet").get("settings", {}).get("labels")
-    pred_table = read_parquet(predictions / "predictions.parquet")
-    pred_prov = read_provenance(predictions / "predictions.parquet")
     rows = []
-    for case in tqdm(pred_table["case"], desc=f"evaluate {method}/{step}/{task}", mininterval=2):
+    for case in tqdm(cases, desc=f"metrics {data.name}", mininterval=2):
         info = manifest.loc[case]
         if info["label_path"] is None or pd.isna(info["label_path"]):
             raise InputError(data / "manifest.parquet", f"case {case} has no label to evaluate against")
-        pred = np.asarray(nib.load(predictions / f"{case}.nii.gz").dataobj).astype(np.int64)
-        gt_img = nib.load(info["label_path"])
-        gt = apply_label_map(np.asarray(gt_img.dataobj), label_setting).astype(np.int64)
+        pred_path = predictions / f"{case}.nii.gz"
+        pred = np.asarray(nib.load(pred_path).dataobj).astype(np.int64)
+        gt = apply_label_map(np.asarray(nib.load(info["label_path"]).dataobj), label_setting).astype(np.int64)
         if pred.shape != gt.shape:
-            raise InputError(predictions / f"{case}.nii.gz", f"shape {pred.shape} differs from the label's {gt.shape}")
+            raise InputError(pred_path, f"shape {pred.shape} differs from the label's {gt.shape}")
         per_class = case_metrics(
-            pred, gt, int(info["num_classes"]), [float(s) for s in info["orig_spacing"]], settings["nsd_tolerance_mm"],
-            where=predictions / f"{case}.nii.gz",
+            pred, gt, int(info["num_classes"]), [float(s) for s in info["orig_spacing"]], nsd_tolerance_mm,
+            where=pred_path,
         )
         for entry in per_class:
-            for metric in METRICS:
-                rows.append(
-                    {
-                        "method": method,
-                        "step": step,
-                        "task": task,
-                        "case": case,
-                        "class": int(entry["class"]),
-                        "metric": metric,
-                        "value": float(entry[metric]),
-                        "flag": entry["flag"],
-                    }
-                )
+            rows += [{"case": case, "class": int(entry["class"]), "metric": m, "value": float(entry[m]),
+                      "flag": entry["flag"]} for m in METRICS]
+    return rows
+
+
+def run(
+    model_dir: Path, tasks: Sequence[str], data: Sequence[Path], out: Path, method: str, step: str,
+    settings: dict[str, Any],
+) -> None:
+    """Predict and score ``tasks`` with ``model_dir``; write ``out/predictions/{task}/`` and ``out/metrics.parquet``.
+
+    Args:
+        model_dir: the model folder (it must carry a head for every task).
+        tasks: task names, one per ``data`` folder.
+        data: preprocessed task folders (their manifests point at the original labels).
+        out: output folder.
+        method, step: what is evaluated (method name, the training step that made the model).
+        settings: ``patch_size``, ``overlap``, ``sw_batch_size``, ``nsd_tolerance_mm``, ``seed``, ``device``.
+    """
+    if len(tasks) != len(data):
+        raise InputError("--task", f"give one task per --data folder ({len(tasks)} tasks, {len(data)} folders)")
+    device = resolve_device(settings.get("device", "cpu"))
+    model = load_model(model_dir)
+    absent = [t for t in tasks if t not in model.seg_heads]
+    if absent:
+        raise InputError(model_dir / "model.json", f"has no segmentation head for {absent} (heads: {sorted(model.seg_heads)})")
+    model.to(device)
+    mid = model_id(model_dir)
+    rows = []
+    for task, folder in zip(tasks, data):
+        pred_dir = out / "predictions" / task
+        table = predict_cases(model, task, folder, "test", pred_dir, settings, device)
+        pred_prov = make_provenance("evaluate", settings, inputs=[model_dir / "model.safetensors", folder / "manifest.parquet"],
+                                    model_id=mid, head=task, split="test")
+        write_parquet(table, pred_dir / "predictions.parquet", pred_prov)
+        for row in score_predictions(pred_dir, table["case"].tolist(), folder, settings["nsd_tolerance_mm"]):
+            rows.append({"method": method, "step": step, "task": task, **row})
     prov = make_provenance(
-        "evaluate", settings, inputs=[predictions / "predictions.parquet", data / "manifest.parquet"],
-        seed=settings.get("seed"), method=method, step=step, task=task, model_id=pred_prov.get("model_id"),
+        "evaluate", settings, inputs=[model_dir / "model.safetensors"] + [d / "manifest.parquet" for d in data],
+        seed=settings.get("seed"), method=method, step=step, tasks=list(tasks), model_id=mid,
     )
-    df = pd.DataFrame(rows, columns=["method", "step", "task", "case", "class", "metric", "value", "flag"])
+    df = pd.DataFrame(rows, columns=COLUMNS)
     df["seed"] = settings.get("seed")
-    df["model_id"] = pred_prov.get("model_id")
+    df["model_id"] = mid
     df["config_hash"] = prov["config_hash"]
     df["code_version"] = prov["code_version"]
-    write_parquet(df, out, prov)
+    write_parquet(df, out / "metrics.parquet", prov)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.evaluate", description=__doc__)
-    parser.add_argument("--predictions", type=Path, required=True, help="folder written by stages.predict")
-    parser.add_argument("--data", type=Path, required=True, help="preprocessed task folder")
-    parser.add_argument("--out", type=Path, required=True, help="metrics Parquet to write")
+    parser = argparse.ArgumentParser(prog="python -m stages.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True, help="model folder")
+    parser.add_argument("--task", nargs="+", required=True, help="tasks to evaluate (heads of the model)")
+    parser.add_argument("--data", type=Path, nargs="+", required=True, help="preprocessed folder of each task")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--method", required=True)
-    parser.add_argument("--step", required=True, help="training step of the model (task it was trained on last)")
-    parser.add_argument("--task", required=True, help="task evaluated")
+    parser.add_argument("--step", required=True, help="training step that made the model")
     parser.add_argument("--settings", type=json.loads, default={}, help="JSON object of settings")
     args = parser.parse_args(argv)
-    run(args.predictions, args.data, args.out, args.method, args.step, args.task, args.settings)
+    run(args.model, args.task, args.data, args.out, args.method, args.step, args.settings)
 
 
 if __name__ == "__main__":

@@ -36,11 +36,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from stages.core.errors import InputError, run_cli
-from stages.core.io import load_safetensors, make_provenance
+from stages.core.io import load_safetensors, make_provenance, read_parquet
 from stages.core.nets import ARCHS, FoundationNet, check_state_dict, save_model, seed_from
+from stages.core.ssl import write_feature_stats
 
 __all__ = ["FORMATS", "main", "map_keys", "read_checkpoint", "run"]
 
@@ -48,6 +50,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("monai_swin_ssl", "state_dict")
 _KNOWN_SETTINGS = {
+    "device",
     "format",
     "arch",
     "arch_kwargs",
@@ -189,7 +192,7 @@ def _heads_in(state: Mapping[str, torch.Tensor]) -> tuple[list[str], dict[str, i
     return ssl, seg
 
 
-def run(checkpoint: Path, out: Path, settings: Mapping[str, Any]) -> Path:
+def run(checkpoint: Path, out: Path, settings: Mapping[str, Any], pool: Path | None = None) -> Path:
     """Map ``checkpoint`` onto a :class:`FoundationNet` and write the model folder ``out``.
 
     Everything is validated before anything is written.
@@ -198,6 +201,8 @@ def run(checkpoint: Path, out: Path, settings: Mapping[str, Any]) -> Path:
         checkpoint: the external weights file.
         out: the model folder to write.
         settings: see the module docstring.
+        pool: a preprocessed unlabelled pool folder; when given, the pooled-feature statistics over it
+            are written to ``out/feature_stats.safetensors`` (for the Mahalanobis fallback).
 
     Returns:
         ``out``.
@@ -279,6 +284,15 @@ def run(checkpoint: Path, out: Path, settings: Mapping[str, Any]) -> Path:
         initialised_keys=initialised,
     )
     extra = {"preprocessing": settings["preprocessing"]} if "preprocessing" in settings else None
+    if pool is not None:
+        manifest = pool / "manifest.parquet"
+        if not manifest.is_file():
+            raise InputError(manifest, "missing: preprocess the pool before importing with --pool")
+        cases = read_parquet(manifest)["case"].tolist()
+        volumes = (np.load(pool / "cases" / f"{c}.npy", mmap_mode="r") for c in cases)
+        model.eval()
+        write_feature_stats(model, volumes, (settings.get("ssl") or {}).get("patch_size", 96),
+                            out / "feature_stats.safetensors", provenance, settings.get("device", "cpu"))
     save_model(model, out, provenance=provenance, extra=extra)
     return out
 
@@ -289,6 +303,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--checkpoint", type=Path, required=True, help="external weights (.pt/.pth/.safetensors)")
     parser.add_argument("--out", type=Path, required=True, help="model folder to write")
     parser.add_argument("--settings", required=True, help="JSON object (see the module docstring)")
+    parser.add_argument("--pool", type=Path, default=None, help="preprocessed pool: also write feature statistics")
     args = parser.parse_args(argv)
     try:
         settings = json.loads(args.settings)
@@ -296,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise InputError("--settings", f"not valid JSON: {err}") from err
     if not isinstance(settings, dict):
         raise InputError("--settings", "must be a JSON object")
-    run(args.checkpoint, args.out, settings)
+    run(args.checkpoint, args.out, settings, args.pool)
 
 
 if __name__ == "__main__":

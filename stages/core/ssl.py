@@ -10,6 +10,8 @@ Mahalanobis distance of the pooled encoder feature to M0's feature statistics in
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -407,3 +409,31 @@ def mahalanobis(features: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> np.n
     factor = cho_factor(sigma, lower=True)
     q = np.einsum("ij,ij->i", d, cho_solve(factor, d.T).T)
     return np.sqrt(np.clip(q, 0.0, None))
+
+
+def write_feature_stats(
+    model: FoundationNet,
+    volumes: Iterable[torch.Tensor | np.ndarray],
+    patch_size: int | Sequence[int],
+    out: Path,
+    provenance: Mapping[str, Any] | None = None,
+    device: torch.device | str | None = None,
+) -> dict[str, np.ndarray]:
+    """Pooled features of every pool volume → ``out`` (safetensors ``mean``, ``cov``, ``count``).
+
+    The statistics the checkpoint carries for the Mahalanobis fallback of MDS and DKD (methods.md §0).
+    """
+    from tqdm import tqdm
+
+    from stages.core.io import save_safetensors
+
+    feats = np.stack([pooled_case_feature(model, v, patch_size, device=device)
+                      for v in tqdm(list(volumes), desc="feature statistics", mininterval=2)])
+    stats = feature_stats(feats)
+    save_safetensors(
+        {"mean": torch.as_tensor(stats["mean"]), "cov": torch.as_tensor(stats["cov"]),
+         "count": torch.tensor([len(feats)])},
+        out,
+        provenance,
+    )
+    return stats

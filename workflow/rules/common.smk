@@ -1,4 +1,5 @@
-# Helpers shared by the rule files: config validation, settings for each step, paths, input functions.
+# Helpers shared by all .smk files - config validation, the method registry, settings for each step,
+# and input functions. Rules only wire files; the science is in the stages package.
 import json
 import sys
 from pathlib import Path
@@ -14,16 +15,44 @@ except InputError as err:
 
 
 RESULTS = "results"
+FOUNDATION = f"{RESULTS}/foundation"
 TASKS = {t["name"]: t for t in config["tasks"]}
 ORDER = list(config["order"])
+UNSEEN = list(config["unseen"])
 DEMO_DATASETS = ["organ_lesion", "paired_organs", "tubular", "unseen", "pool"]
-METHODS = [m for m, s in config["methods"].items() if s["enabled"]]
+ENABLED = {m for m, s in config["methods"].items() if s["enabled"]}
+
+# The method registry (methods.md §1). K&G RFT methods: buffer strategy (None = no buffer) and
+# whether the retention stage uses LoRA (no: the no-LoRA ablation trains every weight).
+KGRFT = {
+    "medseqft": {"buffer": "mds", "lora": True},
+    "ablation_random_buffer": {"buffer": "random", "lora": True},
+    "ablation_no_buffer": {"buffer": None, "lora": True},
+    "ablation_no_lora": {"buffer": "mds", "lora": False},
+}
+KGRFT = {m: spec for m, spec in KGRFT.items() if m in ENABLED}
+SEQUENTIAL = [m for m in ("sequential_ft",) if m in ENABLED] + list(KGRFT)
+PARALLEL = [m for m in ("parallel_ft", "parallel_lora") if m in ENABLED]
+MULTITASK = [m for m in ("multitask_ft",) if m in ENABLED]
+TRANSFER = []
+if config["transfer"]["enabled"] and UNSEEN:
+    TRANSFER = ["transfer_from_m0"] + (
+        ["transfer_from_medseqft"] if "medseqft" in KGRFT else []
+    )
+# methods whose every step is one full fine-tuning job (train_full_ft)
+FULL_FT = [m for m in ("sequential_ft", "parallel_ft") if m in ENABLED] + TRANSFER
+# methods whose step ends with a LoRA adapter merged into its base (train_retention + merge_adapter)
+LORA = [m for m, spec in KGRFT.items() if spec["lora"]] + [
+    m for m in ("parallel_lora",) if m in ENABLED
+]
+BUFFER_STRATEGIES = sorted(
+    {spec["buffer"] for spec in KGRFT.values() if spec["buffer"]}
+)
 
 
-wildcard_constraints:
-    task="|".join(TASKS) or "__none__",
-    step="|".join(TASKS) or "__none__",
-    method="[a-z_]+",
+def alternatives(names):
+    """A wildcard pattern matching exactly these names (or nothing)."""
+    return "|".join(names) or "__none__"
 
 
 def settings(obj):
@@ -37,15 +66,51 @@ def dataset_marker(path):
     demo_root = Path(config["demo"]["out"])
     if config["demo"]["enabled"] and (p == demo_root or demo_root in p.parents):
         return str(p / "dataset.json")
-    return str(p / "dataset.json") if (p / "dataset.json").is_file() else str(p / "imagesTr")
+    return (
+        str(p / "dataset.json")
+        if (p / "dataset.json").is_file()
+        else str(p / "imagesTr")
+    )
 
 
+def data_dir(task):
+    return f"{RESULTS}/data/{task}"
+
+
+def model_dir(method, step):
+    return f"{RESULTS}/runs/{method}/{step}"
+
+
+def output_dir(name):
+    """A params function: the folder of the named output file (no hard-coded prefix)."""
+
+    def get(wildcards, output):
+        return str(Path(getattr(output, name)).parent)
+
+    return get
+
+
+def input_dir(name):
+    """A params function: the folder of the named input file (no hard-coded prefix)."""
+
+    def get(wildcards, input):
+        return str(Path(getattr(input, name)).parent)
+
+    return get
+
+
+def input_dirs(name):
+    """A params function: the folders of the named input files, space-separated."""
+
+    def get(wildcards, input):
+        return " ".join(str(Path(f).parent) for f in getattr(input, name))
+
+    return get
+
+
+# ---- input functions -------------------------------------------------------------------------------
 def get_task_dataset(wildcards):
     return dataset_marker(TASKS[wildcards.task]["dataset"])
-
-
-def get_task_dataset_path(wildcards):
-    return TASKS[wildcards.task]["dataset"]
 
 
 def get_task_preprocess_settings(wildcards):
@@ -56,6 +121,96 @@ def get_pool_dataset(wildcards):
     return dataset_marker(config["foundation"]["pool"])
 
 
+def get_import_pool_arg(wildcards, input):
+    return f"--pool {Path(input.pool[0]).parent}" if input.pool else ""
+
+
+def previous_model(method, step):
+    """M_{t-1} of a sequential method (M0 before the first task)."""
+    i = ORDER.index(step)
+    return FOUNDATION if i == 0 else model_dir(method, ORDER[i - 1])
+
+
+def start_model(method, step):
+    """The model a step's training starts from."""
+    if method in SEQUENTIAL:
+        return previous_model(method, step)
+    if method == "transfer_from_medseqft":
+        return model_dir("medseqft", ORDER[-1])
+    return FOUNDATION  # parallel, multi-task, transfer from M0
+
+
+def get_start_model_file(wildcards):
+    return f"{start_model(wildcards.method, wildcards.step)}/model.safetensors"
+
+
+def get_step_manifest(wildcards):
+    return f"{data_dir(wildcards.step)}/manifest.parquet"
+
+
+def buffer_tables(method, step):
+    """B_1 .. B_t of a K&G RFT method at step t (none for the no-buffer ablation and for parallel LoRA)."""
+    strategy = KGRFT.get(method, {}).get("buffer")
+    if not strategy:
+        return []
+    return [
+        f"{RESULTS}/buffers/{strategy}/{t}.parquet"
+        for t in ORDER[: ORDER.index(step) + 1]
+    ]
+
+
+def get_buffer_tables(wildcards):
+    return buffer_tables(wildcards.method, wildcards.step)
+
+
+def get_buffer_manifests(wildcards):
+    return [
+        f"{data_dir(Path(t).stem)}/manifest.parquet"
+        for t in buffer_tables(wildcards.method, wildcards.step)
+    ]
+
+
+def get_buffer_args(wildcards, input):
+    """BUFFER_PARQUET:DATA_FOLDER pairs, in task order."""
+    return " ".join(
+        f"{table}:{Path(manifest).parent}"
+        for table, manifest in zip(input.buffers, input.buffer_data)
+    )
+
+
+def get_teacher_file(wildcards):
+    if wildcards.method in KGRFT:
+        return (
+            f"{model_dir(wildcards.method, wildcards.step)}/teacher/model.safetensors"
+        )
+    return []
+
+
+def get_teacher_arg(wildcards, input):
+    return f"--teacher {Path(input.teacher[0]).parent}" if input.teacher else ""
+
+
+def eval_tasks(method, step):
+    """The tasks a (method, step) model is evaluated on: for sequential methods every task so far."""
+    if method in SEQUENTIAL:
+        return ORDER[: ORDER.index(step) + 1]
+    if method in MULTITASK:
+        return ORDER
+    return [step]
+
+
+def get_eval_manifests(wildcards):
+    return [
+        f"{data_dir(t)}/manifest.parquet"
+        for t in eval_tasks(wildcards.method, wildcards.step)
+    ]
+
+
+def get_eval_task_names(wildcards):
+    return " ".join(eval_tasks(wildcards.method, wildcards.step))
+
+
+# ---- settings of each step -------------------------------------------------------------------------
 def preprocess_settings(task=None):
     common = {
         "seed": config["seed"],
@@ -71,31 +226,80 @@ def preprocess_settings(task=None):
 def foundation_settings():
     f = config["foundation"]
     keys = ("arch", "in_channels", "arch_kwargs", "ssl", "pretrain")
-    return settings({**{k: f[k] for k in keys}, "seed": config["seed"], "device": config["device"]})
+    return settings(
+        {**{k: f[k] for k in keys}, "seed": config["seed"], "device": config["device"]}
+    )
 
 
 def import_settings():
     f = config["foundation"]
     keys = ("arch", "in_channels", "arch_kwargs", "ssl", "prefix_map")
-    return settings({**{k: f[k] for k in keys}, "format": f["import_format"], "device": config["device"]})
-
-
-def train_settings():
     return settings(
         {
-            **config["train"],
-            "overlap": config["inference"]["overlap"],
-            "seed": config["seed"],
+            **{k: f[k] for k in keys},
+            "format": f["import_format"],
             "device": config["device"],
         }
     )
 
 
-def inference_settings():
+def train_dict():
+    return {
+        **config["train"],
+        "overlap": config["inference"]["overlap"],
+        "seed": config["seed"],
+        "device": config["device"],
+    }
+
+
+def train_settings():
+    return settings(train_dict())
+
+
+def get_retention_settings(wildcards):
+    m = config["medseqft"]
+    s = {
+        **train_dict(),
+        "lora": {
+            **m["lora"],
+            "enabled": KGRFT.get(wildcards.method, {}).get("lora", True),
+        },
+        "kd_kind": m["kd_kind"],
+        "kd_temperature": m["kd_temperature"],
+        "kd_weight": m["kd_weight"] if wildcards.method in KGRFT else 0.0,
+        "retention_weight": (
+            m["retention_weight"]
+            if buffer_tables(wildcards.method, wildcards.step)
+            else 0.0
+        ),
+        "buffer_batch_size": m["buffer_batch_size"],
+    }
+    return settings(s)
+
+
+def buffer_settings(strategy):
+    m = config["medseqft"]
+    return settings(
+        {
+            "strategy": strategy,
+            "fraction": m["buffer_fraction"],
+            "minimum": m["buffer_min"],
+            "seed": config["seed"],
+        }
+    )
+
+
+def get_buffer_settings(wildcards):
+    return buffer_settings(wildcards.strategy)
+
+
+def evaluate_settings():
     return settings(
         {
             **config["inference"],
+            **config["evaluate"],
             "patch_size": config["train"]["patch_size"],
+            "seed": config["seed"],
             "device": config["device"],
         }
     )
@@ -105,16 +309,24 @@ def gpu_resource():
     return 1 if config["device"] == "cuda" else 0
 
 
-def get_metrics_tables():
-    tables = []
-    for method in METHODS:
-        # parallel methods: each task's model is evaluated on its own task
-        tables += [f"{RESULTS}/eval/{method}/{t}/{t}/metrics.parquet" for t in ORDER]
-    return tables
+# ---- targets -----------------------------------------------------------------------------------------
+def evaluated_models():
+    """Every (method, step) whose model is evaluated."""
+    pairs = [(m, t) for m in SEQUENTIAL + PARALLEL for t in ORDER]
+    pairs += [(m, "all") for m in MULTITASK]
+    pairs += [(m, u) for m in TRANSFER for u in UNSEEN]
+    return pairs
+
+
+def get_metrics_tables(wildcards=None):
+    return [f"{RESULTS}/eval/{m}/{s}/metrics.parquet" for m, s in evaluated_models()]
 
 
 def get_final_outputs():
     outputs = [f"{RESULTS}/summary/metrics.parquet", f"{RESULTS}/summary/summary.md"]
     outputs += [f"{RESULTS}/scores/{t}/ssl.parquet" for t in TASKS]
     outputs += [f"{RESULTS}/scores/{t}/features.parquet" for t in TASKS]
+    outputs += [
+        f"{RESULTS}/buffers/{s}/{t}.parquet" for s in BUFFER_STRATEGIES for t in ORDER
+    ]
     return outputs

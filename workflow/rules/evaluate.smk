@@ -1,54 +1,35 @@
-# Prediction of the test split in original geometry, metrics per case and class, and the summary.
+# Evaluation of every trained model on the test split of each task it carries a head for
+# (predictions in original geometry + Dice/HD95/NSD), and the summary of all of them.
 
 
-rule predict_test_cases:
+rule evaluate_model:
     input:
         model=f"{RESULTS}/runs/{{method}}/{{step}}/model.safetensors",
-        manifest=f"{RESULTS}/data/{{task}}/manifest.parquet",
+        manifests=get_eval_manifests,
     output:
-        table=f"{RESULTS}/eval/{{method}}/{{step}}/{{task}}/predictions/predictions.parquet",
-    params:
-        code=code_hash("predict"),
-        settings=inference_settings(),
+        metrics=f"{RESULTS}/eval/{{method}}/{{step}}/metrics.parquet",
+        predictions=directory(f"{RESULTS}/eval/{{method}}/{{step}}/predictions"),
     log:
-        "logs/predict/{method}/{step}/{task}.log",
+        "logs/evaluate/{method}/{step}.log",
     benchmark:
-        "benchmarks/predict/{method}/{step}/{task}.tsv"
+        "benchmarks/evaluate/{method}/{step}.tsv"
     conda:
         "../../envs/segadapt.yaml"
     resources:
         mem_mb=4000,
-        runtime=30,
+        runtime=60,
         gpu=gpu_resource(),
-    shell:
-        "python -m stages.predict --model {RESULTS}/runs/{wildcards.method}/{wildcards.step}"
-        " --head {wildcards.task} --data {RESULTS}/data/{wildcards.task} --split test"
-        " --out {RESULTS}/eval/{wildcards.method}/{wildcards.step}/{wildcards.task}/predictions"
-        " --settings {params.settings:q} > {log} 2>&1"
-
-
-rule evaluate_predictions:
-    input:
-        predictions=f"{RESULTS}/eval/{{method}}/{{step}}/{{task}}/predictions/predictions.parquet",
-        manifest=f"{RESULTS}/data/{{task}}/manifest.parquet",
-    output:
-        f"{RESULTS}/eval/{{method}}/{{step}}/{{task}}/metrics.parquet",
     params:
         code=code_hash("evaluate"),
-        settings=settings({**config["evaluate"], "seed": config["seed"]}),
-    log:
-        "logs/evaluate/{method}/{step}/{task}.log",
-    benchmark:
-        "benchmarks/evaluate/{method}/{step}/{task}.tsv"
-    conda:
-        "../../envs/segadapt.yaml"
-    resources:
-        mem_mb=4000,
-        runtime=30,
+        model=input_dir("model"),
+        tasks=get_eval_task_names,
+        data=input_dirs("manifests"),
+        out=output_dir("metrics"),
+        settings=evaluate_settings(),
     shell:
-        "python -m stages.evaluate --predictions {RESULTS}/eval/{wildcards.method}/{wildcards.step}/{wildcards.task}/predictions"
-        " --data {RESULTS}/data/{wildcards.task} --out {output:q} --method {wildcards.method}"
-        " --step {wildcards.step} --task {wildcards.task} --settings {params.settings:q} > {log} 2>&1"
+        "python -m stages.evaluate --model {params.model:q} --task {params.tasks} --data {params.data}"
+        " --out {params.out:q} --method {wildcards.method} --step {wildcards.step}"
+        " --settings {params.settings:q} > {log} 2>&1"
 
 
 rule aggregate_metrics:
@@ -58,17 +39,18 @@ rule aggregate_metrics:
         metrics=f"{RESULTS}/summary/metrics.parquet",
         summary=f"{RESULTS}/summary/summary.parquet",
         table=f"{RESULTS}/summary/summary.md",
-    params:
-        code=code_hash("aggregate"),
     log:
         "logs/aggregate/aggregate.log",
     benchmark:
         "benchmarks/aggregate/aggregate.tsv"
+    localrule: True
     conda:
         "../../envs/segadapt.yaml"
-    localrule: True
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        code=code_hash("aggregate"),
+        out=output_dir("metrics"),
     shell:
-        "python -m stages.aggregate --metrics {input:q} --out {RESULTS}/summary > {log} 2>&1"
+        "python -m stages.aggregate --metrics {input:q} --out {params.out:q} > {log} 2>&1"

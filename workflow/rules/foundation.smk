@@ -1,22 +1,19 @@
 # The foundation model M0: pre-trained by self-supervision on the pool, or imported from a checkpoint.
 
-FOUNDATION = f"{RESULTS}/foundation"
-
-
 if config["foundation"]["checkpoint"]:
 
     rule import_foundation:
         input:
             checkpoint=config["foundation"]["checkpoint"],
-            pool=f"{RESULTS}/pool/manifest.parquet" if config["foundation"]["pool"] else [],
+            pool=(
+                f"{RESULTS}/pool/manifest.parquet"
+                if config["foundation"]["pool"]
+                else []
+            ),
         output:
             model=f"{FOUNDATION}/model.safetensors",
             spec=f"{FOUNDATION}/model.json",
             stats=f"{FOUNDATION}/feature_stats.safetensors",
-        params:
-            code=code_hash("import_checkpoint"),
-            pool=f"--pool {RESULTS}/pool" if config["foundation"]["pool"] else "",
-            settings=import_settings(),
         log:
             "logs/foundation/import.log",
         benchmark:
@@ -26,8 +23,13 @@ if config["foundation"]["checkpoint"]:
         resources:
             mem_mb=4000,
             runtime=30,
+        params:
+            code=code_hash("import_checkpoint"),
+            pool=get_import_pool_arg,
+            settings=import_settings(),
+            out=output_dir("model"),
         shell:
-            "python -m stages.import_checkpoint --checkpoint {input.checkpoint:q} --out {FOUNDATION}"
+            "python -m stages.import_checkpoint --checkpoint {input.checkpoint:q} --out {params.out:q}"
             " {params.pool} --settings {params.settings:q} > {log} 2>&1"
 
 else:
@@ -40,9 +42,6 @@ else:
             spec=f"{FOUNDATION}/model.json",
             stats=f"{FOUNDATION}/feature_stats.safetensors",
             log_table=f"{FOUNDATION}/pretrain_log.parquet",
-        params:
-            code=code_hash("pretrain"),
-            settings=foundation_settings(),
         log:
             "logs/foundation/pretrain.log",
         benchmark:
@@ -54,6 +53,12 @@ else:
             mem_mb=8000,
             runtime=240,
             gpu=gpu_resource(),
+        params:
+            code=code_hash("pretrain"),
+            settings=foundation_settings(),
+            pool=input_dir("pool"),
+            out=output_dir("model"),
+            work=f"{RESULTS}/work/foundation",
         shell:
-            "OMP_NUM_THREADS={threads} python -m stages.pretrain --pool {RESULTS}/pool --out {FOUNDATION}"
-            " --work {RESULTS}/work/foundation --settings {params.settings:q} > {log} 2>&1"
+            "python -m stages.pretrain --pool {params.pool:q} --out {params.out:q}"
+            " --work {params.work:q} --settings {params.settings:q} > {log} 2>&1"

@@ -7,10 +7,6 @@ rule preprocess_task:
     output:
         manifest=f"{RESULTS}/data/{{task}}/manifest.parquet",
         cases=directory(f"{RESULTS}/data/{{task}}/cases"),
-    params:
-        code=code_hash("preprocess"),
-        dataset=get_task_dataset_path,
-        settings=get_task_preprocess_settings,
     log:
         "logs/preprocess/{task}.log",
     benchmark:
@@ -20,8 +16,13 @@ rule preprocess_task:
     resources:
         mem_mb=4000,
         runtime=30,
+    params:
+        code=code_hash("preprocess"),
+        dataset=input_dir("dataset"),
+        settings=get_task_preprocess_settings,
+        out=output_dir("manifest"),
     shell:
-        "python -m stages.preprocess --dataset {params.dataset:q} --out {RESULTS}/data/{wildcards.task}"
+        "python -m stages.preprocess --dataset {params.dataset:q} --out {params.out:q}"
         " --settings {params.settings:q} > {log} 2>&1"
 
 
@@ -31,10 +32,6 @@ rule preprocess_pool:
     output:
         manifest=f"{RESULTS}/pool/manifest.parquet",
         cases=directory(f"{RESULTS}/pool/cases"),
-    params:
-        code=code_hash("preprocess"),
-        dataset=config["foundation"]["pool"] or "",
-        settings=preprocess_settings(),
     log:
         "logs/preprocess/pool.log",
     benchmark:
@@ -44,6 +41,11 @@ rule preprocess_pool:
     resources:
         mem_mb=4000,
         runtime=30,
+    params:
+        code=code_hash("preprocess"),
+        dataset=input_dir("dataset"),
+        settings=preprocess_settings(),
+        out=output_dir("manifest"),
     shell:
-        "python -m stages.preprocess --dataset {params.dataset:q} --out {RESULTS}/pool"
+        "python -m stages.preprocess --dataset {params.dataset:q} --out {params.out:q}"
         " --settings {params.settings:q} > {log} 2>&1"

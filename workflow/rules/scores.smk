@@ -7,9 +7,6 @@ rule extract_features:
         manifest=f"{RESULTS}/data/{{task}}/manifest.parquet",
     output:
         f"{RESULTS}/scores/{{task}}/features.parquet",
-    params:
-        code=code_hash("features"),
-        settings=settings({"patch_size": config["foundation"]["ssl"]["patch_size"], "device": config["device"]}),
     log:
         "logs/features/{task}.log",
     benchmark:
@@ -20,8 +17,18 @@ rule extract_features:
         mem_mb=4000,
         runtime=30,
         gpu=gpu_resource(),
+    params:
+        code=code_hash("features"),
+        model=input_dir("model"),
+        data=input_dir("manifest"),
+        settings=settings(
+            {
+                "patch_size": config["foundation"]["ssl"]["patch_size"],
+                "device": config["device"],
+            }
+        ),
     shell:
-        "python -m stages.features --model {FOUNDATION} --data {RESULTS}/data/{wildcards.task} --out {output:q}"
+        "python -m stages.features --model {params.model:q} --data {params.data:q} --out {output:q}"
         " --settings {params.settings:q} > {log} 2>&1"
 
 
@@ -31,16 +38,6 @@ rule score_ssl:
         manifest=f"{RESULTS}/data/{{task}}/manifest.parquet",
     output:
         f"{RESULTS}/scores/{{task}}/ssl.parquet",
-    params:
-        code=code_hash("ssl_scores"),
-        settings=settings(
-            {
-                **config["scoring"],
-                "ssl": config["foundation"]["ssl"],
-                "seed": config["seed"],
-                "device": config["device"],
-            }
-        ),
     log:
         "logs/ssl_scores/{task}.log",
     benchmark:
@@ -52,6 +49,18 @@ rule score_ssl:
         mem_mb=4000,
         runtime=60,
         gpu=gpu_resource(),
+    params:
+        code=code_hash("ssl_scores"),
+        model=input_dir("model"),
+        data=input_dir("manifest"),
+        settings=settings(
+            {
+                **config["scoring"],
+                "ssl": config["foundation"]["ssl"],
+                "seed": config["seed"],
+                "device": config["device"],
+            }
+        ),
     shell:
-        "OMP_NUM_THREADS={threads} python -m stages.ssl_scores --model {FOUNDATION}"
-        " --data {RESULTS}/data/{wildcards.task} --out {output:q} --settings {params.settings:q} > {log} 2>&1"
+        "python -m stages.ssl_scores --model {params.model:q}"
+        " --data {params.data:q} --out {output:q} --settings {params.settings:q} > {log} 2>&1"

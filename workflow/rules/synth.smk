@@ -11,10 +11,6 @@ if config["demo"]["enabled"]:
                 dataset=DEMO_DATASETS,
             ),
             record=f"{config['demo']['out']}/synth.json",
-        params:
-            code=code_hash("synth"),
-            out=config["demo"]["out"],
-            settings=settings({k: v for k, v in config["demo"].items() if k not in ("enabled", "out")}),
         log:
             "logs/synth/synth.log",
         benchmark:
@@ -24,5 +20,15 @@ if config["demo"]["enabled"]:
         resources:
             mem_mb=2000,
             runtime=10,
+        params:
+            code=code_hash("synth"),
+            out=output_dir("record"),
+            settings=settings(
+                {
+                    k: v
+                    for k, v in config["demo"].items()
+                    if k not in ("enabled", "out")
+                }
+            ),
         shell:
             "python -m stages.synth --out {params.out} --settings {params.settings:q} > {log} 2>&1"

@@ -1,22 +1,22 @@
-# Training jobs. Resumable state lives under results/work/, which is never a declared output, so an
-# interrupted job is not wiped by Snakemake and resumes on the next run.
+# Training jobs, one rule per kind of step. Resumable state lives under results/work/, never a
+# declared output, so an interrupted job is not wiped by Snakemake and resumes on the next run.
+# Which model a step starts from (M0, or the previous step's model) is decided in common.smk.
 
 
-rule train_parallel_ft:
+rule train_full_ft:
     input:
-        init=f"{FOUNDATION}/model.safetensors",
-        manifest=f"{RESULTS}/data/{{task}}/manifest.parquet",
+        init=get_start_model_file,
+        manifest=get_step_manifest,
     output:
-        model=f"{RESULTS}/runs/parallel_ft/{{task}}/model.safetensors",
-        spec=f"{RESULTS}/runs/parallel_ft/{{task}}/model.json",
-        log_table=f"{RESULTS}/runs/parallel_ft/{{task}}/train_log.parquet",
-    params:
-        code=code_hash("train"),
-        settings=train_settings(),
+        model=f"{RESULTS}/runs/{{method}}/{{step}}/model.safetensors",
+        spec=f"{RESULTS}/runs/{{method}}/{{step}}/model.json",
+        log_table=f"{RESULTS}/runs/{{method}}/{{step}}/train_log.parquet",
     log:
-        "logs/train/parallel_ft/{task}.log",
+        "logs/train/{method}/{step}.log",
     benchmark:
-        "benchmarks/train/parallel_ft/{task}.tsv"
+        "benchmarks/train/{method}/{step}.tsv"
+    wildcard_constraints:
+        method=alternatives(FULL_FT),
     conda:
         "../../envs/segadapt.yaml"
     threads: 2
@@ -24,8 +24,189 @@ rule train_parallel_ft:
         mem_mb=8000,
         runtime=240,
         gpu=gpu_resource(),
+    params:
+        code=code_hash("train"),
+        init=input_dir("init"),
+        data=input_dir("manifest"),
+        out=output_dir("model"),
+        work=f"{RESULTS}/work/{{method}}/{{step}}",
+        settings=train_settings(),
     shell:
-        "OMP_NUM_THREADS={threads} python -m stages.train --recipe finetune --init {FOUNDATION}"
-        " --data {RESULTS}/data/{wildcards.task} --task {wildcards.task}"
-        " --out {RESULTS}/runs/parallel_ft/{wildcards.task} --work {RESULTS}/work/parallel_ft/{wildcards.task}"
+        "python -m stages.train --recipe finetune --init {params.init:q} --data {params.data:q}"
+        " --task {wildcards.step} --out {params.out:q} --work {params.work:q}"
+        " --settings {params.settings:q} > {log} 2>&1"
+
+
+rule train_teacher:
+    input:
+        init=get_start_model_file,
+        manifest=get_step_manifest,
+    output:
+        model=f"{RESULTS}/runs/{{method}}/{{step}}/teacher/model.safetensors",
+        spec=f"{RESULTS}/runs/{{method}}/{{step}}/teacher/model.json",
+        log_table=f"{RESULTS}/runs/{{method}}/{{step}}/teacher/train_log.parquet",
+    log:
+        "logs/train/{method}/{step}_teacher.log",
+    benchmark:
+        "benchmarks/train/{method}/{step}_teacher.tsv"
+    wildcard_constraints:
+        method=alternatives(list(KGRFT)),
+    conda:
+        "../../envs/segadapt.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=gpu_resource(),
+    params:
+        code=code_hash("train"),
+        init=input_dir("init"),
+        data=input_dir("manifest"),
+        out=output_dir("model"),
+        work=f"{RESULTS}/work/{{method}}/{{step}}/teacher",
+        settings=train_settings(),
+    shell:
+        "python -m stages.train --recipe finetune --init {params.init:q} --data {params.data:q}"
+        " --task {wildcards.step} --out {params.out:q} --work {params.work:q}"
+        " --settings {params.settings:q} > {log} 2>&1"
+
+
+rule train_retention:
+    input:
+        init=get_start_model_file,
+        manifest=get_step_manifest,
+        teacher=get_teacher_file,
+        buffers=get_buffer_tables,
+        buffer_data=get_buffer_manifests,
+    output:
+        adapter=f"{RESULTS}/runs/{{method}}/{{step}}/adapter/adapter_model.safetensors",
+        spec=f"{RESULTS}/runs/{{method}}/{{step}}/adapter/adapter_config.json",
+        record=f"{RESULTS}/runs/{{method}}/{{step}}/adapter/run.json",
+        log_table=f"{RESULTS}/runs/{{method}}/{{step}}/adapter/train_log.parquet",
+    log:
+        "logs/train/{method}/{step}_retention.log",
+    benchmark:
+        "benchmarks/train/{method}/{step}_retention.tsv"
+    wildcard_constraints:
+        method=alternatives(LORA),
+    conda:
+        "../../envs/segadapt.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=gpu_resource(),
+    params:
+        code=code_hash("train"),
+        init=input_dir("init"),
+        data=input_dir("manifest"),
+        teacher=get_teacher_arg,
+        buffers=get_buffer_args,
+        out=output_dir("adapter"),
+        work=f"{RESULTS}/work/{{method}}/{{step}}/adapter",
+        settings=get_retention_settings,
+    shell:
+        "python -m stages.train --recipe retention --init {params.init:q} --data {params.data:q}"
+        " --task {wildcards.step} {params.teacher} --buffer {params.buffers} --out {params.out:q}"
+        " --work {params.work:q} --settings {params.settings:q} > {log} 2>&1"
+
+
+rule train_retention_full:
+    input:
+        init=get_start_model_file,
+        manifest=get_step_manifest,
+        teacher=get_teacher_file,
+        buffers=get_buffer_tables,
+        buffer_data=get_buffer_manifests,
+    output:
+        model=f"{RESULTS}/runs/{{method}}/{{step}}/model.safetensors",
+        spec=f"{RESULTS}/runs/{{method}}/{{step}}/model.json",
+        log_table=f"{RESULTS}/runs/{{method}}/{{step}}/train_log.parquet",
+    log:
+        "logs/train/{method}/{step}_retention.log",
+    benchmark:
+        "benchmarks/train/{method}/{step}_retention.tsv"
+    wildcard_constraints:
+        method=alternatives([m for m, spec in KGRFT.items() if not spec["lora"]]),
+    conda:
+        "../../envs/segadapt.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=gpu_resource(),
+    params:
+        code=code_hash("train"),
+        init=input_dir("init"),
+        data=input_dir("manifest"),
+        teacher=get_teacher_arg,
+        buffers=get_buffer_args,
+        out=output_dir("model"),
+        work=f"{RESULTS}/work/{{method}}/{{step}}/retention",
+        settings=get_retention_settings,
+    shell:
+        "python -m stages.train --recipe retention --init {params.init:q} --data {params.data:q}"
+        " --task {wildcards.step} {params.teacher} --buffer {params.buffers} --out {params.out:q}"
+        " --work {params.work:q} --settings {params.settings:q} > {log} 2>&1"
+
+
+rule merge_adapter:
+    input:
+        base=get_start_model_file,
+        adapter=f"{RESULTS}/runs/{{method}}/{{step}}/adapter/adapter_model.safetensors",
+    output:
+        model=f"{RESULTS}/runs/{{method}}/{{step}}/model.safetensors",
+        spec=f"{RESULTS}/runs/{{method}}/{{step}}/model.json",
+    log:
+        "logs/merge/{method}/{step}.log",
+    benchmark:
+        "benchmarks/merge/{method}/{step}.tsv"
+    wildcard_constraints:
+        method=alternatives(LORA),
+    conda:
+        "../../envs/segadapt.yaml"
+    resources:
+        mem_mb=4000,
+        runtime=10,
+    params:
+        code=code_hash("merge"),
+        base=input_dir("base"),
+        adapter=input_dir("adapter"),
+        out=output_dir("model"),
+    shell:
+        "python -m stages.merge --base {params.base:q} --adapter {params.adapter:q} --out {params.out:q} > {log} 2>&1"
+
+
+rule train_multitask:
+    input:
+        init=f"{FOUNDATION}/model.safetensors",
+        manifests=expand(f"{RESULTS}/data/{{task}}/manifest.parquet", task=ORDER),
+    output:
+        model=f"{RESULTS}/runs/{{method}}/all/model.safetensors",
+        spec=f"{RESULTS}/runs/{{method}}/all/model.json",
+        log_table=f"{RESULTS}/runs/{{method}}/all/train_log.parquet",
+    log:
+        "logs/train/{method}/all.log",
+    benchmark:
+        "benchmarks/train/{method}/all.tsv"
+    wildcard_constraints:
+        method=alternatives(MULTITASK),
+    conda:
+        "../../envs/segadapt.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=480,
+        gpu=gpu_resource(),
+    params:
+        code=code_hash("train"),
+        init=input_dir("init"),
+        data=input_dirs("manifests"),
+        tasks=" ".join(ORDER),
+        out=output_dir("model"),
+        work=f"{RESULTS}/work/{{method}}/all",
+        settings=train_settings(),
+    shell:
+        "python -m stages.train --recipe multitask --init {params.init:q} --data {params.data}"
+        " --task {params.tasks} --out {params.out:q} --work {params.work:q}"
         " --settings {params.settings:q} > {log} 2>&1"

@@ -1,0 +1,85 @@
+"""Score every case of a task by M0's self-supervised loss averaged over R stochastic passes (MDS and DKD share it).
+
+Without SSL heads (an imported checkpoint that lacks them) the score falls back to the Mahalanobis
+distance of the pooled encoder feature to M0's pre-training feature statistics, and the table's
+``scorer`` column says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from stages.core.errors import InputError, run_cli
+from stages.core.inference import resolve_device
+from stages.core.io import load_safetensors, make_provenance, read_json, read_parquet, write_parquet
+from stages.core.nets import load_model, model_id
+from stages.core.ssl import mahalanobis, pooled_case_feature, score_cases
+
+__all__ = ["run", "main"]
+
+COLUMNS = ["case", "split", "mean", "std", "R", "scorer"]
+
+
+def run(model_dir: Path, data: Path, out: Path, settings: dict[str, Any]) -> None:
+    """Write ``out`` (Parquet): case, split, mean, std, R, scorer (``ssl`` or ``feature_fallback``).
+
+    Args:
+        model_dir: the foundation model folder (M0).
+        data: a preprocessed task folder.
+        out: the Parquet file to write.
+        settings: ``passes`` (R), ``batch``, ``seed``, ``ssl`` (patch_size, mask_ratio, mask_patch),
+            ``device``.
+    """
+    device = resolve_device(settings.get("device", "cpu"))
+    manifest_path = data / "manifest.parquet"
+    if not manifest_path.is_file():
+        raise InputError(manifest_path, "missing: preprocess the task first")
+    manifest = read_parquet(manifest_path)
+    model = load_model(model_dir).to(device).eval()
+    has_heads = bool(read_json(model_dir / "model.json").get("has_ssl_heads", True))
+    ssl = settings["ssl"]
+    volumes = ((c, np.load(data / "cases" / f"{c}.npy", mmap_mode="r")) for c in manifest["case"])
+    if has_heads:
+        scores = score_cases(
+            model, ((c, torch.from_numpy(np.array(v))) for c, v in volumes), R=settings["passes"],
+            patch_size=ssl["patch_size"], mask_ratio=ssl["mask_ratio"], mask_patch=ssl["mask_patch"],
+            seed=int(settings.get("seed", 0)), batch=settings["batch"],
+        )
+        inputs = [model_dir / "model.safetensors", manifest_path]
+    else:
+        stats_path = model_dir / "feature_stats.safetensors"
+        if not stats_path.is_file():
+            raise InputError(stats_path, "missing: a model without SSL heads needs its feature statistics for the fallback")
+        stats = load_safetensors(stats_path)
+        feats = np.stack([pooled_case_feature(model, v, ssl["patch_size"], device=device)
+                          for _, v in tqdm(list(volumes), desc="feature fallback", mininterval=2)])
+        dist = mahalanobis(feats, stats["mean"].numpy(), stats["cov"].numpy())
+        scores = pd.DataFrame({"case": manifest["case"], "mean": dist, "std": 0.0, "R": 1, "scorer": "feature_fallback"})
+        inputs = [model_dir / "model.safetensors", stats_path, manifest_path]
+    scores = scores.merge(manifest[["case", "split"]], on="case")[COLUMNS]
+    prov = make_provenance("ssl_scores", settings, inputs=inputs, seed=settings.get("seed"),
+                           model_id=model_id(model_dir), scorer=str(scores["scorer"].iloc[0]) if len(scores) else None)
+    write_parquet(scores, out, prov)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stages.ssl_scores", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True, help="foundation model folder")
+    parser.add_argument("--data", type=Path, required=True, help="preprocessed task folder")
+    parser.add_argument("--out", type=Path, required=True, help="Parquet file to write")
+    parser.add_argument("--settings", type=json.loads, default={}, help="JSON object of settings")
+    args = parser.parse_args(argv)
+    run(args.model, args.data, args.out, args.settings)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,358 @@
+"""Train a model with one recipe (full fine-tuning, K&G retention, LoRA, multi-task) and write it, resumably.
+
+Every training job of the project goes through here and through the one shared trainer
+(:mod:`stages.core.trainer`). Recipes (MedSeqFT, Ye et al., arXiv 2509.06096, and its baselines):
+
+- ``finetune`` — full fine-tuning of ``--init`` with the task's head (new if absent) on one task with
+  Dice + CE: the knowledge stage of K&G RFT (teacher T_t), parallel / sequential / transfer FT.
+- ``retention`` — the retention stage of K&G RFT: ``--init`` (M_{t-1}) frozen + PEFT LoRA + the task
+  head, trained with ``L_seg + λ_k·L_KD(student, T_t) + λ_g·L_ret(student, M_{t-1}; buffers)``;
+  writes a PEFT adapter (``stages.merge`` folds it in). With ``lora: false`` every weight trains and
+  a whole model is written (the no-LoRA ablation). Without a teacher and with λ_g = 0 this is the
+  parallel-LoRA baseline.
+- ``multitask`` — all ``--task``s at once from ``--init``, one head each, tasks taking turns per step.
+
+The resumable state lives in ``--work`` (not a declared Snakemake output), in a sub-folder named by
+the hash of this job's settings and inputs: an interrupted job resumes, a changed job starts fresh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stages.core.errors import InputError, run_cli
+from stages.core.inference import predict_probabilities, resolve_device
+from stages.core.io import config_hash, make_provenance, read_parquet, save_json, sha256_file, write_parquet
+from stages.core.losses import kd_loss, retention_loss, segmentation_loss
+from stages.core.lora import add_lora, count_trainable, lora_targets, save_adapter
+from stages.core.nets import FoundationNet, load_model, model_id, save_model
+from stages.core.sampling import CaseStore, PatchSampler
+from stages.core.trainer import Trainer, TrainSettings
+
+__all__ = ["RECIPES", "Job", "run", "main"]
+
+log = logging.getLogger("stages.train")
+
+StepFn = Callable[[torch.nn.Module, int, torch.Generator], dict[str, torch.Tensor]]
+
+
+@dataclass
+class Job:
+    """Everything a recipe needs, loaded and checked once."""
+
+    model: FoundationNet
+    tasks: list[str]
+    data: list[Path]
+    manifests: list[Any]
+    settings: dict[str, Any]
+    device: torch.device
+    teacher: FoundationNet | None = None
+    buffers: list[tuple[Path, list[str]]] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    """What a recipe hands to the trainer and how the result is written."""
+
+    net: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    step_fn: StepFn
+    validate: Callable[[torch.nn.Module], float] | None
+    save: Callable[[Path, dict[str, Any]], None]
+
+
+def _load_manifest(data: Path) -> tuple[Any, int]:
+    manifest_path = data / "manifest.parquet"
+    if not manifest_path.is_file():
+        raise InputError(manifest_path, "missing: run the preprocess step for this task first")
+    manifest = read_parquet(manifest_path)
+    if manifest["label_path"].isna().all():
+        raise InputError(manifest_path, "has no labels: a training task needs a labelled dataset")
+    return manifest, int(manifest["num_classes"].iloc[0])
+
+
+def _cases(manifest: Any, split: str) -> list[str]:
+    return manifest.loc[manifest["split"] == split, "case"].tolist()
+
+
+def _sampler(data: Path, cases: list[str], s: dict[str, Any], with_labels: bool = True, batch: int | None = None) -> PatchSampler:
+    if not cases:
+        raise InputError(data / "manifest.parquet", "has no training cases")
+    return PatchSampler(
+        CaseStore(data / "cases", cases, with_labels=with_labels),
+        patch_size=s["patch_size"],
+        batch_size=batch or s["batch_size"],
+        fg_ratio=s["fg_ratio"] if with_labels else 0.0,
+    )
+
+
+def _dice_validator(net: torch.nn.Module, task: str, data: Path, cases: Sequence[str], s: dict[str, Any], device: torch.device) -> Callable[[torch.nn.Module], float]:
+    """Mean foreground Dice over the validation cases on the preprocessed grid: the best-checkpoint criterion."""
+    from monai.metrics import compute_dice
+
+    def validate(_: torch.nn.Module) -> float:
+        scores = []
+        for case in cases:
+            image = np.load(data / "cases" / f"{case}.npy", mmap_mode="r")
+            seg = torch.from_numpy(np.asarray(np.load(data / "cases" / f"{case}_seg.npy", mmap_mode="r"))).long()
+            probs = predict_probabilities(net, task, image, s["patch_size"], s.get("overlap", 0.5), 4, device)
+            k = probs.shape[0]
+            pred = torch.from_numpy(probs.argmax(0)).long()
+            onehot = [torch.nn.functional.one_hot(t, k).permute(3, 0, 1, 2)[None] for t in (pred, seg)]
+            d = compute_dice(onehot[0], onehot[1], include_background=False, ignore_empty=False)
+            scores.append(float(torch.nan_to_num(d, nan=1.0).mean()))
+        return float(np.mean(scores)) if scores else 0.0
+
+    return validate
+
+
+def _maybe_validator(net: torch.nn.Module, job: Job, i: int = 0) -> Callable[[torch.nn.Module], float] | None:
+    val_cases = _cases(job.manifests[i], "val")
+    if job.settings.get("val_every", 0) > 0 and val_cases:
+        return _dice_validator(net, job.tasks[i], job.data[i], val_cases, job.settings, job.device)
+    return None
+
+
+def _head_params(model: FoundationNet, tasks: Sequence[str]) -> list[torch.nn.Parameter]:
+    return [p for t in tasks for p in model.seg_heads[t].parameters()]
+
+
+def _save_model(model: FoundationNet) -> Callable[[Path, dict[str, Any]], None]:
+    def save(out: Path, prov: dict[str, Any]) -> None:
+        save_model(model.cpu(), out, prov)
+
+    return save
+
+
+def recipe_finetune(job: Job) -> Plan:
+    """Full fine-tuning of the backbone and the task head with Dice + CE (methods.md §0, §1 step 1)."""
+    model, task, s = job.model, job.tasks[0], job.settings
+    sampler = _sampler(job.data[0], _cases(job.manifests[0], "train"), s)
+    loss_fn = segmentation_loss()
+
+    def step_fn(net: torch.nn.Module, step: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        batch = sampler.sample(generator)
+        loss = loss_fn(net.segment(batch["image"].to(job.device), task), batch["label"].to(job.device))
+        return {"loss": loss, "seg": loss.detach()}
+
+    # other tasks' heads are left as they are (they get no gradient and no weight decay)
+    params = list(model.backbone.parameters()) + _head_params(model, [task])
+    return Plan(model, params, step_fn, _maybe_validator(model, job), _save_model(model))
+
+
+def recipe_multitask(job: Job) -> Plan:
+    """All tasks at once from one start, one head each; task k trains on steps ≡ k (mod n)."""
+    model, s = job.model, job.settings
+    samplers = [_sampler(d, _cases(m, "train"), s) for d, m in zip(job.data, job.manifests)]
+    loss_fn = segmentation_loss()
+
+    def step_fn(net: torch.nn.Module, step: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        k = step % len(samplers)
+        batch = samplers[k].sample(generator)
+        loss = loss_fn(net.segment(batch["image"].to(job.device), job.tasks[k]), batch["label"].to(job.device))
+        return {"loss": loss, "seg": loss.detach(), "task_index": torch.tensor(float(k))}
+
+    params = list(model.backbone.parameters()) + _head_params(model, job.tasks)
+    return Plan(model, params, step_fn, None, _save_model(model))
+
+
+def recipe_retention(job: Job) -> Plan:
+    """K&G RFT retention stage (methods.md §1 step 2): LoRA on frozen M_{t-1}, KD to T_t, feature retention on buffers."""
+    model, task, s = job.model, job.tasks[0], job.settings
+    kd_weight = float(s.get("kd_weight", 0.0)) if job.teacher is not None else 0.0
+    ret_weight = float(s.get("retention_weight", 0.0)) if job.buffers else 0.0
+    use_lora = bool(s.get("lora", {}).get("enabled", True))
+    if job.teacher is not None:
+        # ours: the student's new head starts from the teacher's, which already fits the task
+        model.seg_heads[task].load_state_dict(job.teacher.seg_heads[task].state_dict())
+        job.teacher.to(job.device).eval().requires_grad_(False)
+    sampler = _sampler(job.data[0], _cases(job.manifests[0], "train"), s)
+    buffer_samplers = [
+        _sampler(d, cases, s, with_labels=False, batch=s.get("buffer_batch_size", s["batch_size"]))
+        for d, cases in job.buffers
+    ]
+    loss_fn = segmentation_loss()
+    if use_lora:
+        lora = s.get("lora", {})
+        patterns = lora.get("targets")
+        net = add_lora(model, rank=lora.get("rank", 4), alpha=lora.get("alpha", 4),
+                       targets=lora_targets(model, include=patterns) if patterns else None,
+                       dropout=lora.get("dropout", 0.0), train_heads=[task])
+        params = [p for p in net.parameters() if p.requires_grad]
+        frozen = None
+    else:
+        net = model
+        frozen = copy.deepcopy(model).eval().requires_grad_(False) if ret_weight > 0 else None
+        params = list(model.backbone.parameters()) + _head_params(model, [task])
+    trainable, total = count_trainable(net) if use_lora else (sum(p.numel() for p in params), sum(p.numel() for p in net.parameters()))
+    log.info("retention stage: %d of %d parameters trainable (LoRA %s)", trainable, total, "on" if use_lora else "off")
+
+    def frozen_features(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            if frozen is not None:
+                return frozen.encode(x)
+            with net.disable_adapter():
+                return net.encode(x)
+
+    def step_fn(n: torch.nn.Module, step: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        batch = sampler.sample(generator)
+        x = batch["image"].to(job.device)
+        logits = n.segment(x, task)
+        seg = loss_fn(logits, batch["label"].to(job.device))
+        terms = {"seg": seg.detach()}
+        loss = seg
+        if kd_weight > 0:
+            with torch.no_grad():
+                teacher_logits = job.teacher.segment(x, task)
+            kd = kd_loss(logits, teacher_logits, kind=s.get("kd_kind", "kl"), temperature=s.get("kd_temperature", 2.0))
+            loss = loss + kd_weight * kd
+            terms["kd"] = kd.detach()
+        if ret_weight > 0:
+            k = int(torch.randint(len(buffer_samplers), (1,), generator=generator))
+            bx = buffer_samplers[k].sample(generator)["image"].to(job.device)
+            ret = retention_loss(n.encode(bx), frozen_features(bx))
+            loss = loss + ret_weight * ret
+            terms["retention"] = ret.detach()
+        terms["loss"] = loss
+        return terms
+
+    def save(out: Path, prov: dict[str, Any]) -> None:
+        if use_lora:
+            save_adapter(net, out, prov)
+            save_json({"task": task, "num_classes": int(model.seg_heads[task].out_channels),
+                       "trainable_parameters": trainable, "total_parameters": total, "provenance": prov},
+                      out / "run.json")
+        else:
+            save_model(model.cpu(), out, prov)
+
+    return Plan(net, params, step_fn, _maybe_validator(net, job), save)
+
+
+RECIPES: dict[str, Callable[[Job], Plan]] = {
+    "finetune": recipe_finetune,
+    "retention": recipe_retention,
+    "multitask": recipe_multitask,
+}
+
+
+def run(
+    recipe: str,
+    init: Path,
+    data: Sequence[Path],
+    tasks: Sequence[str],
+    out: Path,
+    work: Path,
+    settings: dict[str, Any],
+    teacher: Path | None = None,
+    buffers: Sequence[tuple[Path, Path]] = (),
+) -> None:
+    """Train ``init`` with ``recipe`` and write the result (model folder or adapter) and its log to ``out``.
+
+    Args:
+        recipe: a key of :data:`RECIPES`.
+        init: model folder to start from (M0 or the previous step's model M_{t-1}).
+        data: preprocessed task folders (one per task; several only for ``multitask``).
+        tasks: task names, one per ``data`` (the segmentation heads' keys).
+        out: output folder.
+        work: folder for resumable state (not a declared output).
+        settings: the ``train`` config section plus ``seed``, ``device``, ``overlap`` and, for
+            ``retention``, ``lora``, ``kd_kind``, ``kd_temperature``, ``kd_weight``,
+            ``retention_weight``, ``buffer_batch_size``.
+        teacher: the teacher model folder T_t (``retention``).
+        buffers: (buffer Parquet, preprocessed folder) pairs B_1..B_t (``retention``).
+    """
+    if recipe not in RECIPES:
+        raise InputError("--recipe", f"unknown recipe {recipe!r}; choose from {sorted(RECIPES)}")
+    if len(data) != len(tasks) or not tasks:
+        raise InputError("--task", f"give one task name per --data folder ({len(tasks)} names, {len(data)} folders)")
+    if recipe != "multitask" and len(tasks) != 1:
+        raise InputError("--task", f"recipe {recipe!r} trains one task, got {list(tasks)}")
+    device = resolve_device(settings.get("device", "cpu"))
+    loaded = [_load_manifest(Path(d)) for d in data]
+    model = load_model(init)
+    seed = int(settings.get("seed", 0))
+    heads = model.arch_config()["heads"]
+    for task, (_, num_classes), d in zip(tasks, loaded, data):
+        if task not in model.seg_heads:
+            model.add_head(task, num_classes, generator=torch.Generator().manual_seed(seed))
+        elif heads[task] != num_classes:
+            raise InputError(init / "model.json", f"head {task!r} has {heads[task]} classes, {d} has {num_classes}")
+    teacher_model = load_model(teacher) if teacher is not None else None
+    buffer_cases = []
+    for table, folder in buffers:
+        chosen = read_parquet(table)
+        buffer_cases.append((Path(folder), chosen.loc[chosen["selected"], "case"].tolist()))
+    model.to(device)
+    job = Job(model, list(tasks), [Path(d) for d in data], [m for m, _ in loaded], settings, device,
+              teacher_model, buffer_cases)
+
+    input_files = [init / "model.safetensors"] + [Path(d) / "manifest.parquet" for d in data]
+    input_files += [teacher / "model.safetensors"] if teacher is not None else []
+    input_files += [Path(t) for t, _ in buffers]
+    inputs = {str(p): sha256_file(p) for p in input_files}
+    job_hash = config_hash({"recipe": recipe, "tasks": list(tasks), "settings": settings, "inputs": inputs})
+    plan = RECIPES[recipe](job)
+    trainer = Trainer(
+        plan.net,
+        plan.params,
+        plan.step_fn,
+        TrainSettings(
+            steps=settings["steps"],
+            lr=settings["lr"],
+            weight_decay=settings["weight_decay"],
+            checkpoint_every=settings["checkpoint_every"],
+            val_every=settings.get("val_every", 0),
+            amp=settings.get("amp", True),
+            device=str(device),
+            seed=seed,
+        ),
+        work_dir=work / job_hash,
+        config_hash=job_hash,
+        validate_fn=plan.validate,
+        name=f"{recipe}:{'+'.join(tasks)}",
+    )
+    result = trainer.fit()
+    plan.net.load_state_dict(result.best_state)
+    prov = make_provenance(
+        "train", settings, inputs=inputs, seed=seed, recipe=recipe, tasks=list(tasks), init_model=model_id(init),
+        best_step=result.best_step,
+    )
+    plan.save(out, prov)
+    # the log's wall-clock seconds and resume point differ between runs; the model file must not
+    write_parquet(result.log, out / "train_log.parquet", {**prov, "resumed_from": result.resumed_from})
+
+
+def _buffer_pair(text: str) -> tuple[Path, Path]:
+    table, sep, folder = text.partition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected BUFFER_PARQUET:DATA_FOLDER, got {text!r}")
+    return Path(table), Path(folder)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stages.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="finetune", help=f"one of {sorted(RECIPES)}")
+    parser.add_argument("--init", type=Path, required=True, help="model folder to start from")
+    parser.add_argument("--data", type=Path, nargs="+", required=True, help="preprocessed task folder(s)")
+    parser.add_argument("--task", nargs="+", required=True, help="task name(s), one per --data")
+    parser.add_argument("--teacher", type=Path, default=None, help="teacher model folder (retention)")
+    parser.add_argument("--buffer", type=_buffer_pair, nargs="*", default=[], help="BUFFER_PARQUET:DATA_FOLDER pairs")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--work", type=Path, required=True, help="folder for resumable state")
+    parser.add_argument("--settings", type=json.loads, default={}, help="JSON object of settings")
+    args = parser.parse_args(argv)
+    run(args.recipe, args.init, args.data, args.task, args.out, args.work, args.settings, args.teacher, args.buffer)
+
+
+if __name__ == "__main__":
+    run_cli(main)
