@@ -1,0 +1,154 @@
+"""The train, merge and evaluate stages on small real data: recipes, LoRA merge equivalence, resume identity."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stages.core.errors import InputError
+from stages.core.io import make_provenance, write_parquet
+from stages.core.lora import load_adapter
+from stages.core.nets import FoundationNet, load_model, save_model
+
+SETTINGS = {
+    "patch_size": [16, 16, 16], "batch_size": 2, "steps": 6, "lr": 0.002, "weight_decay": 1e-5, "fg_ratio": 0.5,
+    "checkpoint_every": 2, "val_every": 0, "amp": False, "seed": 0, "device": "cpu", "overlap": 0.25,
+}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two small preprocessed demo tasks, an M0 with SSL heads, and an MDS-like buffer for the first task."""
+    from stages import preprocess, synth
+
+    root = tmp_path_factory.mktemp("world")
+    synth.run(root / "demo", {"seed": 0, "shape": [20, 20, 16], "cases_per_task": 4, "pool_cases": 1})
+    pre = {"labelled": True, "labels": None, "seed": 0, "split": {"val": 0.0, "test": 0.25},
+           "target_spacing": [1.5, 1.5, 1.5], "normalisation": "auto"}
+    for task in ("organ_lesion", "paired_organs"):
+        preprocess.run(root / "demo" / task, root / "data" / task, pre)
+    m0 = FoundationNet("basicunet", 1, {"features": [4, 4, 8, 8, 16, 4]}, ssl={"patch_size": [16, 16, 16]}, seed=0)
+    save_model(m0, root / "m0", make_provenance("pretrain", {}))
+    manifest = pd.read_parquet(root / "data" / "organ_lesion" / "manifest.parquet")
+    train = manifest.loc[manifest["split"] == "train", "case"].tolist()
+    buffer = pd.DataFrame({"case": train, "selected": [True] * 2 + [False] * (len(train) - 2)})
+    write_parquet(buffer, root / "buffer_organ_lesion.parquet", make_provenance("select_buffer", {}))
+    return {"root": root, "m0": root / "m0", "data1": root / "data" / "organ_lesion",
+            "data2": root / "data" / "paired_organs", "buffer1": root / "buffer_organ_lesion.parquet"}
+
+
+def train(world: dict[str, Path], out: Path, recipe: str = "finetune", init: Path | None = None,
+          task: str = "organ_lesion", data: Path | None = None, settings: dict | None = None, **kw) -> None:
+    from stages.train import run
+
+    run(recipe, init or world["m0"], [data or world["data1"]], [task], out, out.parent / f"{out.name}_work",
+        {**SETTINGS, **(settings or {})}, **kw)
+
+
+def test_finetune_adds_the_head_and_trains_the_backbone(world: dict[str, Path], tmp_path: Path) -> None:
+    train(world, tmp_path / "ft")
+    model = load_model(tmp_path / "ft")
+    assert "organ_lesion" in model.seg_heads and model.seg_heads["organ_lesion"].out_channels == 3
+    before, after = load_file(world["m0"] / "model.safetensors"), load_file(tmp_path / "ft" / "model.safetensors")
+    assert not torch.equal(before["backbone.conv_0.conv_0.conv.weight"], after["backbone.conv_0.conv_0.conv.weight"])
+    # the SSL heads are not trained by segmentation fine-tuning
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("ssl_heads."))
+    log = pd.read_parquet(tmp_path / "ft" / "train_log.parquet")
+    assert log["step"].tolist() == list(range(1, 7)) and np.isfinite(log["loss"]).all()
+
+
+def test_retention_trains_only_lora_and_the_head_and_merges_equivalently(world: dict[str, Path], tmp_path: Path) -> None:
+    from stages.merge import run as merge
+
+    train(world, tmp_path / "teacher")
+    settings = {"lora": {"rank": 4, "alpha": 4, "enabled": True}, "kd_kind": "kl", "kd_temperature": 2.0,
+                "kd_weight": 1.0, "retention_weight": 0.5, "buffer_batch_size": 1}
+    train(world, tmp_path / "adapter", recipe="retention", settings=settings, teacher=tmp_path / "teacher",
+          buffers=[(world["buffer1"], world["data1"])])
+    adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert adapter and all("lora_" in k or "seg_heads.organ_lesion" in k for k in adapter)
+    log = pd.read_parquet(tmp_path / "adapter" / "train_log.parquet")
+    assert {"seg", "kd", "retention"} <= set(log.columns)
+    assert (log["retention"] >= 0).all() and (log["kd"] >= 0).all()
+
+    merge(world["m0"], tmp_path / "adapter", tmp_path / "merged")
+    merged = load_model(tmp_path / "merged").eval()
+    base = load_model(world["m0"])
+    base.add_head("organ_lesion", 3)
+    peft_model = load_adapter(base, tmp_path / "adapter").eval()
+    x = torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (merged.segment(x, "organ_lesion") - peft_model.segment(x, "organ_lesion")).abs().max().item()
+    assert diff < 1e-5
+    # the merged weights moved away from M0 only where LoRA was attached (3x3x3 convs), heads aside
+    m0 = load_file(world["m0"] / "model.safetensors")
+    out = load_file(tmp_path / "merged" / "model.safetensors")
+    assert all(torch.equal(m0[k], out[k]) for k in m0 if k.endswith(".bias") and k.startswith("backbone."))
+    assert not torch.equal(m0["backbone.conv_0.conv_0.conv.weight"], out["backbone.conv_0.conv_0.conv.weight"])
+
+
+def test_sequential_step_keeps_earlier_heads(world: dict[str, Path], tmp_path: Path) -> None:
+    train(world, tmp_path / "step1")
+    train(world, tmp_path / "step2", init=tmp_path / "step1", task="paired_organs", data=world["data2"])
+    s1, s2 = load_file(tmp_path / "step1" / "model.safetensors"), load_file(tmp_path / "step2" / "model.safetensors")
+    assert torch.equal(s1["seg_heads.organ_lesion.weight"], s2["seg_heads.organ_lesion.weight"])
+    assert "seg_heads.paired_organs.weight" in s2
+
+
+def test_multitask_trains_one_head_per_task(world: dict[str, Path], tmp_path: Path) -> None:
+    from stages.train import run
+
+    out = tmp_path / "mt"
+    run("multitask", world["m0"], [world["data1"], world["data2"]], ["organ_lesion", "paired_organs"], out,
+        tmp_path / "mt_work", SETTINGS)
+    log = pd.read_parquet(out / "train_log.parquet")
+    assert log["task_index"].tolist() == [0, 1, 0, 1, 0, 1]
+    assert set(load_model(out).seg_heads) == {"organ_lesion", "paired_organs"}
+
+
+def test_bad_arguments_are_refused(world: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="unknown recipe"):
+        train(world, tmp_path / "x", recipe="magic")
+    with pytest.raises(InputError, match="manifest.parquet"):
+        train(world, tmp_path / "x", data=tmp_path / "nothing")
+
+
+def _train_cmd(world: dict[str, Path], out: Path, steps: int) -> list[str]:
+    import json
+
+    settings = json.dumps({**SETTINGS, "steps": steps, "checkpoint_every": 1})
+    return [sys.executable, "-m", "stages.train", "--recipe", "finetune", "--init", str(world["m0"]),
+            "--data", str(world["data1"]), "--task", "organ_lesion", "--out", str(out),
+            "--work", str(out.parent / "work"), "--settings", settings]
+
+
+def test_killed_training_resumes_to_a_bit_identical_model(world: dict[str, Path], tmp_path: Path) -> None:
+    """SIGTERM mid-training (as Slurm does at the time limit), rerun: same model file, byte for byte."""
+    steps = 12
+    ref = tmp_path / "ref" / "out"
+    subprocess.run(_train_cmd(world, ref, steps), check=True, capture_output=True)
+
+    out = tmp_path / "killed" / "out"
+    proc = subprocess.Popen(_train_cmd(world, out, steps), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    checkpoints = lambda: list((out.parent / "work").glob("*/checkpoint_latest.pt"))  # noqa: E731
+    while time.time() < deadline and not checkpoints():
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode == 143, proc.stdout.read() if proc.stdout else ""
+    assert checkpoints() and not (out / "model.safetensors").exists()
+    rerun = subprocess.run(_train_cmd(world, out, steps), check=True, capture_output=True, text=True)
+    assert "resuming from step" in rerun.stderr
+    assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()

@@ -1,0 +1,209 @@
+"""The workflow: formatted, lint-clean, and the tiny demo DAG runs end to end with Snakemake."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, SNAKEFILE, TINY, make_workdir, snakemake
+
+
+def test_snakefmt_clean() -> None:
+    proc = subprocess.run([sys.executable, "-m", "snakefmt", "--check", str(REPO / "workflow")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_lint_clean() -> None:
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "--lint", "-s", str(SNAKEFILE)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Lints for" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+def test_every_rule_has_log_benchmark_code_hash_and_calls_a_stage() -> None:
+    text = "\n".join(p.read_text() for p in (REPO / "workflow" / "rules").glob("*.smk"))
+    rules = re.split(r"\n\s*rule (\w+):", text)[1:]
+    assert len(rules) >= 10
+    for name, body in zip(rules[::2], rules[1::2]):
+        for directive in ("log:", "benchmark:", "code=code_hash(", "python -m stages."):
+            assert directive in body, f"rule {name} lacks {directive}"
+
+
+def test_bad_config_stops_before_any_job(tmp_path: Path) -> None:
+    config = yaml.safe_load(TINY.read_text())
+    config["train"]["steps"] = "ten"
+    work = make_workdir(tmp_path / "w", config)
+    proc = snakemake(work, "-n", check=False)
+    assert proc.returncode != 0
+    assert "config: train.steps: 'ten' is not of type 'integer'" in proc.stdout + proc.stderr
+    assert not (work / "results").exists()
+
+
+def dry_run_outputs(work: Path, *args: str) -> list[str]:
+    """Output files of the jobs a dry run would run."""
+    proc = snakemake(work, "-n", *args)
+    return re.findall(r"^\s+output: (.+)$", proc.stdout, flags=re.M)
+
+
+def test_chain_order_in_dag(tmp_path: Path) -> None:
+    """M_{t-1} -> M_t: the teacher of step 2 starts from step 1's merged model."""
+    work = make_workdir(tmp_path / "w")
+    proc = snakemake(work, "-n", "-p")
+    teacher_cmds = [l for l in proc.stdout.splitlines() if "--recipe finetune" in l and "medseqft/paired_organs/teacher" in l]
+    assert teacher_cmds and "--init results/runs/medseqft/organ_lesion " in teacher_cmds[0]
+    first = [l for l in proc.stdout.splitlines() if "--recipe finetune" in l and "medseqft/organ_lesion/teacher" in l]
+    assert first and "--init results/foundation " in first[0]
+    retention = [l for l in proc.stdout.splitlines() if "--recipe retention" in l and "medseqft/paired_organs/adapter" in l]
+    # the retention stage of step 2 sees the buffers of both tasks, in order
+    assert retention and re.search(r"buffers/mds/organ_lesion\.parquet:\S+ results/buffers/mds/paired_organs\.parquet", retention[0])
+
+
+@pytest.fixture(scope="module")
+def run(tiny_run: Path) -> Path:
+    return tiny_run
+
+
+def test_tiny_dag_produces_metrics_for_every_method_and_task(run: Path) -> None:
+    metrics = pd.read_parquet(run / "results" / "summary" / "metrics.parquet")
+    dice = metrics[metrics["metric"] == "dice"]
+    assert set(dice["method"]) == {"medseqft", "ablation_no_lora", "parallel_ft", "multitask_ft",
+                                   "transfer_from_m0", "transfer_from_medseqft"}
+    assert set(dice.loc[dice["method"] == "parallel_ft", "task"]) == {"organ_lesion", "paired_organs"}
+    assert set(dice.loc[dice["method"] == "transfer_from_m0", "task"]) == {"unseen"}
+    assert dice["value"].between(0, 1).all()
+    assert {"hd95", "nsd"} <= set(metrics["metric"])
+    assert (run / "results" / "summary" / "summary.md").read_text().startswith("# segadapt summary")
+
+
+def test_sequential_model_is_evaluated_on_every_earlier_task(run: Path) -> None:
+    """R[i, j]: the model of step 2 is evaluated on task 1 with task 1's head (forgetting)."""
+    m = pd.read_parquet(run / "results" / "eval" / "medseqft" / "paired_organs" / "metrics.parquet")
+    assert set(m["task"]) == {"organ_lesion", "paired_organs"}
+    spec = yaml.safe_load((run / "results" / "runs" / "medseqft" / "paired_organs" / "model.json").read_text())
+    assert spec["heads"] == {"organ_lesion": 3, "paired_organs": 3}
+
+
+def test_buffers_hold_the_lowest_ssl_loss_cases(run: Path) -> None:
+    for task in ("organ_lesion", "paired_organs"):
+        buf = pd.read_parquet(run / "results" / "buffers" / "mds" / f"{task}.parquet")
+        ssl = pd.read_parquet(run / "results" / "scores" / task / "ssl.parquet")
+        train = ssl[ssl["split"] == "train"].sort_values("mean")
+        assert sorted(buf.loc[buf["selected"], "case"]) == sorted(train["case"].head(2))
+        assert buf["selected"].sum() == 2  # K = max(2, 10 % of 3 training cases)
+
+
+def test_predictions_are_in_original_geometry(run: Path) -> None:
+    manifest = pd.read_parquet(run / "results" / "data" / "organ_lesion" / "manifest.parquet")
+    test_cases = manifest[manifest["split"] == "test"]
+    assert len(test_cases) >= 1
+    for row in test_cases.itertuples():
+        pred = nib.load(run / "results" / "eval" / "parallel_ft" / "organ_lesion" / "predictions" / "organ_lesion" / f"{row.case}.nii.gz")
+        label = nib.load(run / row.label_path)
+        assert pred.shape == label.shape
+        assert np.allclose(pred.affine, label.affine, atol=1e-4)
+        assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2}
+
+
+def test_scores_and_features_for_every_task(run: Path) -> None:
+    for task in ("organ_lesion", "paired_organs", "unseen"):
+        ssl = pd.read_parquet(run / "results" / "scores" / task / "ssl.parquet")
+        feats = pd.read_parquet(run / "results" / "scores" / task / "features.parquet")
+        manifest = pd.read_parquet(run / "results" / "data" / task / "manifest.parquet")
+        assert sorted(ssl["case"]) == sorted(manifest["case"]) == sorted(feats["case"])
+        assert (ssl["scorer"] == "ssl").all() and (ssl["R"] == 4).all()
+        assert np.isfinite(ssl["mean"]).all()
+
+
+def test_noop_rerun_runs_nothing(run: Path) -> None:
+    proc = snakemake(run, "-n")
+    assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout
+
+
+def _with_config(run: Path, name: str, change) -> str:
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    change(config)
+    alt = run / name
+    alt.write_text(yaml.safe_dump(config))
+    return str(alt)
+
+
+def test_changing_train_settings_reruns_only_training_and_after(run: Path) -> None:
+    alt = _with_config(run, "alt_steps.yaml", lambda c: c["train"].update(steps=7))
+    outputs = " ".join(dry_run_outputs(run, "--configfile", alt))
+    assert "runs/parallel_ft/organ_lesion/model.safetensors" in outputs and "eval/" in outputs
+    for upstream in ("foundation/", "results/data/", "scores/", "buffers/", "demo/"):
+        assert upstream not in outputs, outputs
+
+
+def test_evaluation_setting_reruns_only_evaluation(run: Path) -> None:
+    alt = _with_config(run, "alt_nsd.yaml", lambda c: c["evaluate"].update(nsd_tolerance_mm=3.0))
+    outputs = dry_run_outputs(run, "--configfile", alt)
+    assert outputs and all("/eval/" in o or "/summary/" in o for o in outputs), outputs
+
+
+def test_medseqft_setting_leaves_other_methods_alone(run: Path) -> None:
+    alt = _with_config(run, "alt_kd.yaml", lambda c: c.setdefault("medseqft", {}).update(kd_temperature=3.0))
+    outputs = " ".join(dry_run_outputs(run, "--configfile", alt))
+    assert "runs/medseqft/organ_lesion/adapter" in outputs
+    for other in ("runs/parallel_ft/", "runs/multitask_ft/", "teacher/", "foundation/", "transfer_from_m0"):
+        assert other not in outputs, other
+
+
+def test_disabled_method_setting_reruns_nothing(run: Path) -> None:
+    alt = _with_config(run, "alt_off.yaml", lambda c: c["methods"]["sequential_ft"].update(enabled=False))
+    assert dry_run_outputs(run, "--configfile", alt) == []
+
+
+def test_import_checkpoint_instead_of_pretraining(run: Path, tmp_path: Path) -> None:
+    """foundation.checkpoint: M0 is imported (key prefixes mapped) and scored like a pre-trained one."""
+    from safetensors.torch import load_file
+
+    state = load_file(run / "results" / "foundation" / "model.safetensors")
+    ckpt = tmp_path / "external.pt"
+    torch.save({"state_dict": {k.replace("backbone.", "encoder."): v for k, v in state.items()}}, ckpt)
+
+    def use_checkpoint(c):
+        c["foundation"].update(checkpoint=str(ckpt), prefix_map={"encoder.": "backbone."})
+
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    use_checkpoint(config)
+    work = make_workdir(tmp_path / "w", config)
+    snakemake(work, "results/scores/organ_lesion/ssl.parquet")
+    imported = load_file(work / "results" / "foundation" / "model.safetensors")
+    assert imported.keys() == state.keys() and all(torch.equal(imported[k], state[k]) for k in state)
+    assert (work / "results" / "foundation" / "feature_stats.safetensors").is_file()
+    scores = pd.read_parquet(work / "results" / "scores" / "organ_lesion" / "ssl.parquet")
+    assert (scores["scorer"] == "ssl").all()
+    assert not (work / "results" / "foundation" / "pretrain_log.parquet").exists()
+
+
+def test_appending_a_task_runs_only_new_jobs(run: Path) -> None:
+    def append(c):
+        c["tasks"].append({"name": "tubular", "dataset": "demo/tubular"})
+        c["order"].append("tubular")
+
+    outputs = " ".join(dry_run_outputs(run, "--configfile", _with_config(run, "alt_append.yaml", append)))
+    assert "runs/medseqft/tubular/model.safetensors" in outputs
+    # earlier steps of the chain and their data are untouched
+    for old in ("runs/medseqft/organ_lesion/", "runs/medseqft/paired_organs/", "runs/parallel_ft/organ_lesion/",
+                "results/data/organ_lesion/", "results/foundation/", "buffers/mds/organ_lesion"):
+        assert old not in outputs, old
+
+
+def test_reordering_tasks_reruns_from_the_first_change(run: Path) -> None:
+    outputs = " ".join(dry_run_outputs(
+        run, "--configfile", _with_config(run, "alt_order.yaml", lambda c: c.update(order=["paired_organs", "organ_lesion"]))))
+    assert "runs/medseqft/paired_organs/model.safetensors" in outputs
+    assert "runs/medseqft/organ_lesion/model.safetensors" in outputs
+    # parallel methods do not depend on the order
+    assert "runs/parallel_ft/" not in outputs
