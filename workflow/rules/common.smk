@@ -81,6 +81,11 @@ def model_dir(method, step):
     return f"{RESULTS}/runs/{method}/{step}"
 
 
+def as_list(files):
+    """A named input as a list (Snakemake gives a single file as a plain string)."""
+    return [files] if isinstance(files, str) else list(files)
+
+
 def output_dir(name):
     """A params function: the folder of the named output file (no hard-coded prefix)."""
 
@@ -103,7 +108,7 @@ def input_dirs(name):
     """A params function: the folders of the named input files, space-separated."""
 
     def get(wildcards, input):
-        return " ".join(str(Path(f).parent) for f in getattr(input, name))
+        return " ".join(str(Path(f).parent) for f in as_list(getattr(input, name)))
 
     return get
 
@@ -122,7 +127,8 @@ def get_pool_dataset(wildcards):
 
 
 def get_import_pool_arg(wildcards, input):
-    return f"--pool {Path(input.pool[0]).parent}" if input.pool else ""
+    pool = as_list(input.pool)
+    return f"--pool {Path(pool[0]).parent}" if pool else ""
 
 
 def previous_model(method, step):
@@ -187,7 +193,8 @@ def get_teacher_file(wildcards):
 
 
 def get_teacher_arg(wildcards, input):
-    return f"--teacher {Path(input.teacher[0]).parent}" if input.teacher else ""
+    teacher = as_list(input.teacher)
+    return f"--teacher {Path(teacher[0]).parent}" if teacher else ""
 
 
 def eval_tasks(method, step):
