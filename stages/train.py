@@ -11,6 +11,8 @@ Every training job of the project goes through here and through the one shared t
   a whole model is written (the no-LoRA ablation). Without a teacher and with λ_g = 0 this is the
   parallel-LoRA baseline.
 - ``multitask`` — all ``--task``s at once from ``--init``, one head each, tasks taking turns per step.
+- ``semisupervised`` — ASSFT's selective semi-supervised fine-tuning: Dice + CE on the labelled set
+  plus λ_u·(Dice + CE) on the kept pseudo-labelled cases (``--pseudo``).
 
 The resumable state lives in ``--work`` (not a declared Snakemake output), in a sub-folder named by
 the hash of this job's settings and inputs: an interrupted job resumes, a changed job starts fresh.
@@ -58,6 +60,8 @@ class Job:
     device: torch.device
     teacher: FoundationNet | None = None
     buffers: list[tuple[Path, list[str]]] = field(default_factory=list)
+    pseudo: tuple[Path, list[str]] | None = None
+    """(pseudo-label folder, kept case ids) for ``semisupervised``; labels read from that folder only."""
 
 
 @dataclass
@@ -238,10 +242,49 @@ def recipe_retention(job: Job) -> Plan:
     return Plan(net, params, step_fn, _maybe_validator(net, job), save)
 
 
+def recipe_semisupervised(job: Job) -> Plan:
+    """ASSFT selective semi-supervised fine-tuning (methods.md §2): Dice + CE on the labelled set L plus
+    ``λ_u · (Dice + CE)`` on the kept pseudo-labelled cases (Yang et al., arXiv 2509.10784; λ_u ours).
+
+    ``--data`` is the round's labelled folder (stages.annotate) and ``--pseudo`` the pseudo-label folder
+    (stages.select_pseudo): every label this recipe sees comes from one of the two, never from the task
+    folder. Each step draws one labelled batch and, when pseudo-labels were kept, one pseudo batch
+    (``pseudo_batch_size``, default ``batch_size``) from the same generator. With no kept case it is
+    plain fine-tuning on L.
+    """
+    model, task, s = job.model, job.tasks[0], job.settings
+    sampler = _sampler(job.data[0], _cases(job.manifests[0], "train"), s)
+    pseudo_weight = float(s.get("pseudo_weight", 0.5))
+    pseudo_sampler = None
+    if job.pseudo is not None and job.pseudo[1] and pseudo_weight > 0:
+        folder, kept = job.pseudo
+        pseudo_sampler = _sampler(folder, kept, s, batch=s.get("pseudo_batch_size", s["batch_size"]))
+    else:
+        log.info("semisupervised: no pseudo-labelled case kept (or λ_u = 0): fine-tuning on the labelled set only")
+    loss_fn = segmentation_loss()
+
+    def step_fn(net: torch.nn.Module, step: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        batch = sampler.sample(generator)
+        seg = loss_fn(net.segment(batch["image"].to(job.device), task), batch["label"].to(job.device))
+        terms = {"seg": seg.detach()}
+        loss = seg
+        if pseudo_sampler is not None:
+            extra = pseudo_sampler.sample(generator)
+            pseudo = loss_fn(net.segment(extra["image"].to(job.device), task), extra["label"].to(job.device))
+            loss = loss + pseudo_weight * pseudo
+            terms["pseudo"] = pseudo.detach()
+        terms["loss"] = loss
+        return terms
+
+    params = list(model.backbone.parameters()) + _head_params(model, [task])
+    return Plan(model, params, step_fn, _maybe_validator(model, job), _save_model(model))
+
+
 RECIPES: dict[str, Callable[[Job], Plan]] = {
     "finetune": recipe_finetune,
     "retention": recipe_retention,
     "multitask": recipe_multitask,
+    "semisupervised": recipe_semisupervised,
 }
 
 
@@ -255,6 +298,7 @@ def run(
     settings: dict[str, Any],
     teacher: Path | None = None,
     buffers: Sequence[tuple[Path, Path]] = (),
+    pseudo: Path | None = None,
 ) -> None:
     """Train ``init`` with ``recipe`` and write the result (model folder or adapter) and its log to ``out``.
 
@@ -270,6 +314,7 @@ def run(
             ``retention_weight``, ``buffer_batch_size``.
         teacher: the teacher model folder T_t (``retention``).
         buffers: (buffer Parquet, preprocessed folder) pairs B_1..B_t (``retention``).
+        pseudo: the pseudo-label folder of ``stages.select_pseudo`` (``semisupervised``).
     """
     if recipe not in RECIPES:
         raise InputError("--recipe", f"unknown recipe {recipe!r}; choose from {sorted(RECIPES)}")
@@ -292,13 +337,23 @@ def run(
     for table, folder in buffers:
         chosen = read_parquet(table)
         buffer_cases.append((Path(folder), chosen.loc[chosen["selected"], "case"].tolist()))
+    pseudo_job = None
+    if pseudo is not None:
+        table_path = Path(pseudo) / "pseudo.parquet"
+        if not table_path.is_file():
+            raise InputError(table_path, "missing: run stages.select_pseudo first")
+        table = read_parquet(table_path)
+        pseudo_job = (Path(pseudo), table.loc[table["kept"], "case"].astype(str).tolist())
+    elif recipe == "semisupervised":
+        raise InputError("--pseudo", "the semisupervised recipe needs the pseudo-label folder")
     model.to(device)
     job = Job(model, list(tasks), [Path(d) for d in data], [m for m, _ in loaded], settings, device,
-              teacher_model, buffer_cases)
+              teacher_model, buffer_cases, pseudo_job)
 
     input_files = [init / "model.safetensors"] + [Path(d) / "manifest.parquet" for d in data]
     input_files += [teacher / "model.safetensors"] if teacher is not None else []
     input_files += [Path(t) for t, _ in buffers]
+    input_files += [Path(pseudo) / "pseudo.parquet"] if pseudo is not None else []
     inputs = {str(p): sha256_file(p) for p in input_files}
     job_hash = config_hash({"recipe": recipe, "tasks": list(tasks), "settings": settings, "inputs": inputs})
     plan = RECIPES[recipe](job)
@@ -347,11 +402,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--task", nargs="+", required=True, help="task name(s), one per --data")
     parser.add_argument("--teacher", type=Path, default=None, help="teacher model folder (retention)")
     parser.add_argument("--buffer", type=_buffer_pair, nargs="*", default=[], help="BUFFER_PARQUET:DATA_FOLDER pairs")
+    parser.add_argument("--pseudo", type=Path, default=None, help="pseudo-label folder (semisupervised)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--work", type=Path, required=True, help="folder for resumable state")
     parser.add_argument("--settings", type=json.loads, default={}, help="JSON object of settings")
     args = parser.parse_args(argv)
-    run(args.recipe, args.init, args.data, args.task, args.out, args.work, args.settings, args.teacher, args.buffer)
+    run(args.recipe, args.init, args.data, args.task, args.out, args.work, args.settings, args.teacher, args.buffer,
+        args.pseudo)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,164 @@
+"""Tests for stages.query_round: every strategy on a tiny label-free pool, round-0 fallback, seeds, refusals, reruns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from stages.core.errors import InputError, run_cli
+from stages.core.io import read_provenance, write_parquet
+from stages.core.nets import FoundationNet, model_id, save_model
+from stages.query_round import QUERY_SCHEMA, STRATEGIES, main, run
+
+TASK = "tiny"
+POOL = [f"case_{i:02d}" for i in range(7)]
+HELD_OUT = ["case_90", "case_91"]  # val / test: never candidates
+SETTINGS = {"budget": 2, "patch_size": [16, 16, 16], "overlap": 0.25, "sw_batch_size": 2}
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A preprocessed task folder *without any label file*, M0 scores and features, a model with the head."""
+    root = tmp_path_factory.mktemp("task")
+    data = root / "data"
+    rng = np.random.default_rng(0)
+    cases = POOL + HELD_OUT
+    shapes = [(13 + i % 3, 11 + i % 4, 9 + i % 2) for i in range(len(cases))]
+    for case, shape in zip(cases, shapes):
+        (data / "cases").mkdir(parents=True, exist_ok=True)
+        np.save(data / "cases" / f"{case}.npy", rng.normal(size=(1, *shape)).astype(np.float32))
+    splits = ["train"] * len(POOL) + ["val", "test"]
+    write_parquet(pd.DataFrame({"case": cases, "split": splits}), data / "manifest.parquet", {"stage": "test"})
+    # k: distinct SSL losses; features: two tight clusters plus loners, so diversity matters
+    base = np.eye(8)
+    feats = [base[0] + 0.01 * i * base[5] for i in range(3)] + [base[1], base[2] + 0.01 * base[6], base[2], base[3]]
+    feats += [base[4], base[7]]
+    write_parquet(
+        pd.DataFrame({"case": cases, "split": splits, "mean": np.linspace(3.0, 1.0, len(cases)),
+                      "std": 0.1, "R": 4, "scorer": "ssl"}),
+        root / "ssl.parquet", {"stage": "test"},
+    )
+    flat = pa.array(np.concatenate(feats).astype(np.float32))
+    table = pa.table({"case": cases, "split": splits, "feature": pa.FixedSizeListArray.from_arrays(flat, 8),
+                      "model_id": ["m0"] * len(cases)})
+    write_parquet(table, root / "features.parquet", {"stage": "test"})
+    net = FoundationNet("basicunet", arch_kwargs={"features": [4, 4, 8, 8, 16, 4]}, heads={TASK: 3}, seed=0)
+    save_model(net, root / "model", {"stage": "test"})
+    write_parquet(pd.DataFrame({"case": [POOL[0]], "round": [0]}), root / "labelled.parquet", {"stage": "test"})
+    return {"data": data, "ssl": root / "ssl.parquet", "features": root / "features.parquet",
+            "model": root / "model", "labelled": root / "labelled.parquet", "root": root}
+
+
+def _run(
+    task: dict[str, Path], out: Path, round_index: int, model: bool = True, labelled: bool = True, **settings
+) -> pd.DataFrame:
+    run(task["data"], TASK, task["ssl"], task["features"], round_index, out, {**SETTINGS, **settings},
+        labelled=task["labelled"] if labelled else None, model_dir=task["model"] if model else None)
+    return pd.read_parquet(out)
+
+
+def test_round_zero_model_strategies_fall_back_to_dkd(task: dict[str, Path], tmp_path: Path) -> None:
+    table = _run(task, tmp_path / "q.parquet", 0, model=False, labelled=False, strategy="dkd_asd")
+    assert pq.read_schema(tmp_path / "q.parquet").remove_metadata().equals(QUERY_SCHEMA)
+    assert table["case"].tolist() == POOL  # every pool case, nothing of val / test
+    assert table["fallback"].eq("dkd").all() and table["model_id"].isna().all()
+    picked = table[table["picked"]].sort_values("pick_order")
+    assert picked["pick_order"].tolist() == [0, 1]
+    # S is empty at the first pick: d = 1 for all, so the first pick is the highest knowledge gap
+    assert picked["case"].iloc[0] == POOL[0] and picked["d"].iloc[0] == 1.0
+    assert table["asd"].isna().all() and table["k"].notna().all()
+    dkd = table[["k_rank", "d_rank"]].prod(axis=1)
+    np.testing.assert_allclose(table["dkd"], dkd)
+    prov = read_provenance(tmp_path / "q.parquet")
+    assert prov["fallback"] == "dkd" and prov["round"] == 0 and prov["picked"] == picked["case"].tolist()
+    # the fallback picks exactly what DKD picks
+    plain = _run(task, tmp_path / "dkd.parquet", 0, model=False, labelled=False, strategy="dkd")
+    assert plain.loc[plain["picked"], "case"].tolist() == table.loc[table["picked"], "case"].tolist()
+
+
+def test_dkd_skips_the_twin_of_a_labelled_case(task: dict[str, Path], tmp_path: Path) -> None:
+    table = _run(task, tmp_path / "q.parquet", 1, model=False, strategy="dkd")
+    assert POOL[0] not in table["case"].tolist()  # labelled cases are no candidates
+    picks = table[table["picked"]].sort_values("pick_order")["case"].tolist()
+    # case_01 and case_02 are near-copies of the labelled case_00 despite their high knowledge gap
+    assert not {POOL[1], POOL[2]} & set(picks)
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_every_strategy_runs_with_a_model_and_reruns_identically(
+    strategy: str, task: dict[str, Path], tmp_path: Path
+) -> None:
+    options = {"passes": 3, "dropout": 0.3} if strategy == "mc_dropout" else {}
+    table = _run(task, tmp_path / "a.parquet", 1, strategy=strategy, options=options)
+    assert table["picked"].sum() == 2 and table["fallback"].isna().all()
+    assert set(table["case"]) == set(POOL[1:])
+    needs_model = STRATEGIES[strategy].needs_model
+    assert table["model_id"].eq(model_id(task["model"])).all() == needs_model
+    if needs_model:
+        assert table["asd"].between(0, 1).all() and table["entropy"].between(0, 1).all()
+        assert table["asd_flag"].notna().all()
+    column = {"asd": "asd", "entropy": "entropy", "mc_dropout": "mc_entropy", "random": "random_key",
+              "coreset": "coreset_distance", "dkd": "dkd"}.get(strategy)
+    if column is not None:
+        np.testing.assert_allclose(table["score"], table[column])
+    if strategy == "dkd_asd":
+        np.testing.assert_allclose(table["score"], 0.5 * table["dkd_rank"] + 0.5 * table["asd_rank"])
+    _run(task, tmp_path / "b.parquet", 1, strategy=strategy, options=options)
+    assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
+
+
+def test_random_is_deterministic_per_seed(task: dict[str, Path], tmp_path: Path) -> None:
+    def picks(seed: int, name: str) -> list[str]:
+        t = _run(task, tmp_path / name, 1, model=False, strategy="random", seed=seed, budget=3)
+        return t[t["picked"]].sort_values("pick_order")["case"].tolist()
+
+    assert picks(0, "a.parquet") == picks(0, "b.parquet")
+    assert len({tuple(picks(s, f"s{s}.parquet")) for s in range(4)}) > 1
+
+
+def test_budget_larger_than_pool_picks_everything(task: dict[str, Path], tmp_path: Path) -> None:
+    table = _run(task, tmp_path / "q.parquet", 1, model=False, strategy="coreset", budget=50)
+    assert table["picked"].all() and sorted(table["pick_order"]) == list(range(len(POOL) - 1))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"strategy": "nope"}, "unknown strategy"),
+        ({"budget": 0}, "budget"),
+        ({"strategy": "mc_dropout", "options": {"passes": 1}}, "passes"),
+        ({"strategy": "dkd", "options": {"weight": 0.3}}, "unknown options"),
+        ({"typo": 1}, "unknown query settings"),
+    ],
+)
+def test_bad_settings_are_refused_before_writing(
+    task: dict[str, Path], tmp_path: Path, change: dict, message: str
+) -> None:
+    with pytest.raises(InputError, match=message):
+        _run(task, tmp_path / "q.parquet", 1, **change)
+    assert not (tmp_path / "q.parquet").exists()
+
+
+def test_model_strategy_needs_the_model_after_round_zero(task: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="previous round's model"):
+        _run(task, tmp_path / "q.parquet", 1, model=False, strategy="asd")
+    with pytest.raises(InputError, match="not earlier than round 0"):
+        _run(task, tmp_path / "q.parquet", 0, model=False, strategy="dkd")  # labels of round 0 at round 0
+    assert not (tmp_path / "q.parquet").exists()
+
+
+def test_cli_writes_and_refuses(task: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--data", str(task["data"]), "--task", TASK, "--ssl-scores", str(task["ssl"]),
+            "--features", str(task["features"]), "--round", "0", "--out", str(tmp_path / "q.parquet")]
+    main([*args, "--settings", json.dumps({"strategy": "coreset", "budget": 1})])
+    assert pd.read_parquet(tmp_path / "q.parquet")["picked"].sum() == 1
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, [*args, "--settings", json.dumps({"strategy": "coreset", "budget": -1})])
+    assert exit_info.value.code == 2
+    assert "settings.budget" in capsys.readouterr().err
