@@ -1,73 +1,584 @@
-"""Gather every metrics table into one summary: the long table, and methods x tasks means in Markdown."""
+"""Compute each summary number once: methods x tasks tables, forgetting and BWT, paired CIs, budget and loss tables.
+
+Tables are Parquet under the summary folder (figures and the report read them, never recompute) and a
+Markdown + HTML rendering of the same numbers. Conventions (methods.md §0, §3):
+
+- a case's value of a metric is the mean over its foreground classes;
+- a method is scored on a task with the model of the step that learned it (its *own step*: step ==
+  task, or ``all`` for a multi-task model) — the layout of the MedSeqFT and ASSFT papers' tables;
+- methods evaluated after several steps (rows with step != task) give the sequential matrix
+  R[i, j] = mean Dice on task j after step i and backward transfer
+  BWT = 1/(n-1) Σ_{j<n} (R[n, j] − R[j, j]) (Lopez-Paz & Ranzato, Gradient Episodic Memory, NeurIPS 2017).
+"""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import html
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from stages.core.errors import InputError, run_cli
-from stages.core.io import atomic_path, make_provenance, read_parquet, write_parquet
+from stages.core.io import atomic_path, make_provenance, read_parquet, save_json, sha256_file, write_parquet
 
-__all__ = ["run", "main", "summary_table"]
+__all__ = [
+    "MULTITASK_STEP",
+    "SummarySettings",
+    "case_table",
+    "own_step",
+    "summary_table",
+    "sequential_matrix",
+    "backward_transfer",
+    "bootstrap_mean_ci",
+    "paired_comparisons",
+    "budget_table",
+    "log_origin",
+    "training_log_table",
+    "render_markdown",
+    "render_html",
+    "run",
+    "main",
+]
+
+MULTITASK_STEP = "all"
+SUMMARY_METRICS = ("dice", "hd95", "nsd")
+PAIRED_METRICS = ("dice", "hd95")
+METRIC_TITLES = {"dice": "Dice", "hd95": "HD95 (mm)", "nsd": "NSD"}
+METRIC_COLUMNS = ("method", "step", "task", "case", "class", "metric", "value")
+BUDGET_COLUMNS = ("strategy", "round", "labels", "seed", "dice")
+LOG_STAGES = {"teacher": "teacher", "adapter": "adapter"}
+
+FORGETTING_COLUMNS = ["method", "step", "task", "step_index", "task_index", "dice", "cases"]
+BWT_COLUMNS = ["method", "bwt", "tasks", "final_step"]
+PAIRED_COLUMNS = ["reference", "method", "task", "step", "metric", "cases", "mean_diff", "ci_low", "ci_high",
+                  "ci", "n_boot", "seed"]
+BUDGET_OUT_COLUMNS = ["strategy", "round", "labels", "dice_mean", "dice_std", "seeds"]
+LOG_KEYS = ["method", "step", "stage", "iteration"]
+
+
+@dataclass(frozen=True)
+class SummarySettings:
+    """Settings of the summary (the config's ``summary`` section plus the run seed and task order).
+
+    Attributes:
+        reference: method every other method is compared against in the paired comparison
+            (``medseqft``; later ``assft`` against its baselines). Absent from the metrics: no comparison.
+        n_boot: bootstrap resamples of the paired mean difference.
+        ci: coverage of the percentile bootstrap interval.
+        seed: base seed of the bootstrap; each comparison derives its own stream from it and its names,
+            so adding a method never changes another comparison's interval.
+        order: the sequential task order (steps of R); empty = inferred from the metrics (a later
+            step is evaluated on more tasks).
+        labels_per_round: ASSFT's labelling budget per round; when > 0 the budget curves are also
+            read from the metrics of the active-learning chains (method ``assft_<strategy>``, step
+            ``round<r>``: the model fine-tuned on the labels of rounds 0..r).
+    """
+
+    reference: str = "medseqft"
+    n_boot: int = 2000
+    ci: float = 0.95
+    seed: int = 0
+    order: tuple[str, ...] = field(default_factory=tuple)
+    labels_per_round: int = 0
+
+    @classmethod
+    def from_mapping(cls, settings: Mapping[str, Any]) -> SummarySettings:
+        """Build from the ``--settings`` JSON object, refusing unknown keys and bad values by name."""
+        known = {"reference", "n_boot", "ci", "seed", "order", "labels_per_round"}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise InputError("--settings", f"unknown keys {unknown} (known: {sorted(known)})")
+        out = cls(**{k: (tuple(v or ()) if k == "order" else v) for k, v in settings.items()})
+        if not isinstance(out.n_boot, int) or out.n_boot < 1:
+            raise InputError("--settings", f"n_boot must be a positive integer, got {out.n_boot!r}")
+        if not 0 < float(out.ci) < 1:
+            raise InputError("--settings", f"ci must lie in (0, 1), got {out.ci!r}")
+        return out
+
+
+# ------------------------------------------------------------------------------------------ tables
+
+
+def case_table(metrics: pd.DataFrame) -> pd.DataFrame:
+    """One row per method, step, task, case and metric: the mean over the case's foreground classes.
+
+    A model evaluated under several seeds (active-learning chains) gets the mean over its seeds too.
+
+    ``own_step`` marks the rows scored with the model of the step that learned the task (see :func:`own_step`).
+
+    Args:
+        metrics: the long metrics table of ``stages.evaluate`` (one row per case, class and metric).
+    """
+    fg = metrics[metrics["class"] >= 1]
+    out = (
+        fg.groupby(["method", "step", "task", "case", "metric"], sort=True)["value"]
+        .agg(value="mean", classes="count")
+        .reset_index()
+    )
+    out["classes"] = out["classes"].astype("int64")
+    # marks the rows of the methods x tasks table, so figures select them without re-deriving the rule
+    out["own_step"] = _own_mask(out)
+    return out
+
+
+def own_step(cases: pd.DataFrame) -> pd.DataFrame:
+    """Rows scored with the model of the step that learned the task: step == task, else the multi-task step ``all``."""
+    return cases[_own_mask(cases)].sort_values(["method", "task", "metric", "case"]).reset_index(drop=True)
+
+
+def _own_mask(cases: pd.DataFrame) -> np.ndarray:
+    own = (cases["step"] == cases["task"]).to_numpy()
+    have = set(zip(cases["method"][own], cases["task"][own]))
+    multi = (cases["step"] == MULTITASK_STEP).to_numpy() & np.array(
+        [(m, t) not in have for m, t in zip(cases["method"], cases["task"])], dtype=bool)
+    return own | multi
 
 
 def summary_table(metrics: pd.DataFrame) -> pd.DataFrame:
-    """Mean and std per method, task and metric over cases and foreground classes (evaluation on the model's own step)."""
-    own = metrics[metrics["step"] == metrics["task"]]
-    case_means = own.groupby(["method", "task", "metric", "case"], as_index=False)["value"].mean()
-    return (
-        case_means.groupby(["method", "task", "metric"])["value"]
-        .agg(mean="mean", std="std", cases="count")
+    """Mean, sample std (ddof 1; NaN for one case) and case count per method, task and metric, own-step model.
+
+    Args:
+        metrics: the long metrics table (case, class, metric rows) of every evaluated model.
+    """
+    own = own_step(case_table(metrics))
+    out = (
+        own.groupby(["method", "task", "metric"], sort=True)
+        .agg(step=("step", "first"), mean=("value", "mean"), std=("value", "std"), cases=("value", "count"))
         .reset_index()
     )
+    out["cases"] = out["cases"].astype("int64")
+    return out[["method", "step", "task", "metric", "mean", "std", "cases"]]
 
 
-def _markdown(summary: pd.DataFrame) -> str:
-    lines = ["# segadapt summary", ""]
-    for metric, unit in (("dice", ""), ("hd95", " (mm)"), ("nsd", "")):
+def _step_order(method_cases: pd.DataFrame, order: Sequence[str]) -> list[str]:
+    steps = set(method_cases["step"]) - {MULTITASK_STEP}
+    if order:
+        stray = sorted(steps - set(order))
+        if stray:
+            raise InputError("--metrics", f"method {method_cases['method'].iloc[0]} has steps {stray} outside the "
+                                          f"task order {list(order)}")
+        return [s for s in order if s in steps]
+    # without an order, a later step has been evaluated on more tasks (every earlier task plus its own)
+    width = method_cases.groupby("step")["task"].nunique()
+    return sorted(steps, key=lambda s: (int(width[s]), s))
+
+
+def sequential_matrix(cases: pd.DataFrame, order: Sequence[str] = ()) -> pd.DataFrame:
+    """R[i, j] = mean Dice over test cases on task j with the model after step i, long format.
+
+    Only methods evaluated at several steps named after tasks (some row with step != task where the step
+    is a task name) have R; the multi-task step ``all`` and active-learning rounds are left out.
+
+    Args:
+        cases: the per-case table of :func:`case_table`.
+        order: the task order; empty = inferred (see :class:`SummarySettings`).
+    """
+    dice = cases[cases["metric"] == "dice"]
+    # a step of a sequential method is named after the task it learned; other step names (the multi-task
+    # "all", active-learning rounds "round0" ...) never form R
+    dice = dice[dice["step"].isin(set(dice["task"]))]
+    seq = dice[dice["step"] != dice["task"]]
+    rows = []
+    for method in sorted(seq["method"].unique()):
+        mc = dice[dice["method"] == method]
+        steps = _step_order(mc, order)
+        for i, step in enumerate(steps):
+            for j, task in enumerate(steps[: i + 1]):
+                cell = mc[(mc["step"] == step) & (mc["task"] == task)]["value"]
+                if cell.empty:
+                    raise InputError("--metrics", f"method {method}: the model after step {step} has no Dice on "
+                                                  f"earlier task {task}; R[i, j] needs every task j <= i")
+                rows.append({"method": method, "step": step, "task": task, "step_index": i, "task_index": j,
+                             "dice": float(cell.mean()), "cases": int(cell.count())})
+    return pd.DataFrame(rows, columns=FORGETTING_COLUMNS)
+
+
+def backward_transfer(forgetting: pd.DataFrame) -> pd.DataFrame:
+    """BWT per method: mean over j < n of R[n, j] − R[j, j] (Lopez-Paz & Ranzato 2017); negative = forgetting.
+
+    Args:
+        forgetting: the long R of :func:`sequential_matrix`.
+    """
+    rows = []
+    for method, grp in forgetting.groupby("method", sort=True):
+        n = int(grp["step_index"].max())
+        if n < 1:
+            continue
+        r = {(int(a), int(b)): float(v) for a, b, v in zip(grp["step_index"], grp["task_index"], grp["dice"])}
+        bwt = float(np.mean([r[(n, j)] - r[(j, j)] for j in range(n)]))
+        final = grp[grp["step_index"] == n]["step"].iloc[0]
+        rows.append({"method": method, "bwt": bwt, "tasks": n + 1, "final_step": final})
+    return pd.DataFrame(rows, columns=BWT_COLUMNS)
+
+
+def _stream(seed: int, *names: str) -> np.random.Generator:
+    # one stream per comparison, keyed by its names: results do not depend on which others exist
+    digest = hashlib.sha256("\0".join(names).encode()).digest()
+    return np.random.default_rng(np.random.SeedSequence([int(seed), int.from_bytes(digest[:8], "little")]))
+
+
+def bootstrap_mean_ci(diffs: np.ndarray, n_boot: int, ci: float, rng: np.random.Generator) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of paired differences (Efron & Tibshirani 1993, ch. 13).
+
+    Args:
+        diffs: one difference per case.
+        n_boot: resamples (cases drawn with replacement).
+        ci: coverage, e.g. 0.95.
+        rng: the generator that draws the resamples.
+    """
+    d = np.asarray(diffs, dtype=np.float64)
+    idx = rng.integers(0, d.size, size=(n_boot, d.size))
+    means = d[idx].mean(axis=1)
+    alpha = (1.0 - ci) / 2.0
+    low, high = np.quantile(means, [alpha, 1.0 - alpha])
+    return float(low), float(high)
+
+
+def paired_comparisons(cases: pd.DataFrame, settings: SummarySettings) -> pd.DataFrame:
+    """Reference − other on the same test cases, per task and metric, own-step models: mean and bootstrap CI.
+
+    Args:
+        cases: the per-case table of :func:`case_table`.
+        settings: ``reference``, ``n_boot``, ``ci``, ``seed``.
+    """
+    own = own_step(cases)
+    own = own[own["metric"].isin(PAIRED_METRICS)]
+    ref = own[own["method"] == settings.reference]
+    rows = []
+    for (method, task, metric), other in own[own["method"] != settings.reference].groupby(
+        ["method", "task", "metric"], sort=True
+    ):
+        mine = ref[(ref["task"] == task) & (ref["metric"] == metric)]
+        pair = mine.merge(other, on="case", suffixes=("_ref", "_other"))
+        if pair.empty:
+            continue
+        diffs = (pair["value_ref"] - pair["value_other"]).to_numpy()
+        rng = _stream(settings.seed, settings.reference, method, task, metric)
+        low, high = bootstrap_mean_ci(diffs, settings.n_boot, settings.ci, rng)
+        rows.append({"reference": settings.reference, "method": method, "task": task,
+                     "step": str(other["step"].iloc[0]), "metric": metric, "cases": int(len(pair)),
+                     "mean_diff": float(diffs.mean()), "ci_low": low, "ci_high": high, "ci": float(settings.ci),
+                     "n_boot": int(settings.n_boot), "seed": int(settings.seed)})
+    return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
+
+
+def active_rounds(metrics: pd.DataFrame, labels_per_round: int) -> pd.DataFrame:
+    """Rows ``strategy, round, labels, seed, dice`` of the ASSFT chains' round models.
+
+    A round's Dice is the mean over test cases of the case's mean foreground-class Dice, per seed.
+
+    Args:
+        metrics: the long metrics table.
+        labels_per_round: labels revealed per round (round r has used (r + 1) times this many).
+    """
+    if labels_per_round <= 0:
+        return pd.DataFrame(columns=BUDGET_COLUMNS)
+    dice = metrics[(metrics["metric"] == "dice") & (metrics["class"] >= 1) & metrics["method"].str.startswith("assft_")]
+    rnd = dice["step"].str.extract(r"^round(\d+)$", expand=False)
+    dice = dice[rnd.notna()].assign(round=rnd.dropna().astype(int))
+    if dice.empty:
+        return pd.DataFrame(columns=BUDGET_COLUMNS)
+    per_case = dice.groupby(["method", "round", "seed", "case"])["value"].mean().reset_index()
+    per_seed = per_case.groupby(["method", "round", "seed"])["value"].mean().reset_index()
+    return pd.DataFrame({
+        "strategy": per_seed["method"].str.slice(len("assft_")),
+        "round": per_seed["round"].astype("int64"),
+        "labels": ((per_seed["round"] + 1) * labels_per_round).astype("int64"),
+        "seed": per_seed["seed"].astype("int64"),
+        "dice": per_seed["value"].astype(float),
+    })[list(BUDGET_COLUMNS)]
+
+
+def budget_table(rounds: pd.DataFrame) -> pd.DataFrame:
+    """Label-budget curve: mean and std of Dice over seeds per strategy, round and number of labels.
+
+    Args:
+        rounds: active-learning rounds, columns ``strategy, round, labels, seed, dice``.
+    """
+    if rounds.empty:
+        return pd.DataFrame(columns=BUDGET_OUT_COLUMNS)
+    out = (
+        rounds.groupby(["strategy", "round", "labels"], sort=True)
+        .agg(dice_mean=("dice", "mean"), dice_std=("dice", "std"), seeds=("seed", "nunique"))
+        .reset_index()
+    )
+    out["seeds"] = out["seeds"].astype("int64")
+    return out[BUDGET_OUT_COLUMNS]
+
+
+def log_origin(path: Path) -> tuple[str, str, str]:
+    """(method, step, stage) of a training log from where the pipeline puts it.
+
+    ``.../runs/{method}/{step}/train_log.parquet`` is the job that made the step's model (stage
+    ``train``); ``.../teacher/`` and ``.../adapter/`` are MedSeqFT's knowledge and retention stages;
+    ``.../foundation/pretrain_log.parquet`` is M0's pre-training (method ``foundation``, step ``pretrain``).
+    """
+    parts = Path(path).parts
+    if len(parts) >= 2 and parts[-2] == "foundation" and parts[-1] == "pretrain_log.parquet":
+        return "foundation", "pretrain", "pretrain"
+    if "runs" in parts and parts[-1] == "train_log.parquet":
+        rest = parts[len(parts) - 1 - parts[::-1].index("runs") + 1: -1]
+        if len(rest) == 2:
+            return rest[0], rest[1], "train"
+        if len(rest) == 3 and rest[2] in LOG_STAGES:
+            return rest[0], rest[1], LOG_STAGES[rest[2]]
+    raise InputError(path, "not a training log of the pipeline (expected runs/{method}/{step}[/teacher|/adapter]"
+                           "/train_log.parquet or foundation/pretrain_log.parquet)")
+
+
+def training_log_table(logs: Mapping[Path, pd.DataFrame]) -> pd.DataFrame:
+    """Every training log in one table: method, step, stage, iteration (the log's optimiser step), then its columns.
+
+    Args:
+        logs: path -> the log read from it (the path says which job wrote it, see :func:`log_origin`).
+    """
+    frames = []
+    for path, log in logs.items():
+        method, step, stage = log_origin(path)
+        frame = log.rename(columns={"step": "iteration"}).copy()
+        frame.insert(0, "stage", stage)
+        frame.insert(0, "step", step)
+        frame.insert(0, "method", method)
+        frames.append(frame)
+    if not frames:
+        return pd.DataFrame(columns=LOG_KEYS + ["loss"])
+    table = pd.concat(frames, ignore_index=True)
+    value_cols = sorted(c for c in table.columns if c not in LOG_KEYS)
+    return table[LOG_KEYS + value_cols].sort_values(LOG_KEYS).reset_index(drop=True)
+
+
+# ------------------------------------------------------------------------------------- rendering
+
+
+@dataclass
+class Section:
+    """One part of the summary document: a heading, an optional paragraph and an optional table of strings."""
+
+    level: int
+    title: str
+    text: str = ""
+    header: list[str] = field(default_factory=list)
+    rows: list[list[str]] = field(default_factory=list)
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    return "–" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _signed(value: float, digits: int = 3) -> str:
+    if not np.isfinite(value):
+        return "–"
+    # a difference that rounds to zero has no sign worth showing
+    return f"{0.0:.{digits}f}" if round(value, digits) == 0 else f"{value:+.{digits}f}"
+
+
+def _sections(summary: pd.DataFrame, forgetting: pd.DataFrame, bwt: pd.DataFrame, paired: pd.DataFrame,
+              budget: pd.DataFrame, logs: pd.DataFrame, settings: SummarySettings) -> list[Section]:
+    out = [Section(1, "segadapt summary",
+                   "Test-set mean ± sample std over cases; a case's value is the mean over its foreground classes. "
+                   "Each method is scored with the model of the step that learned the task (`all` for multi-task "
+                   "training). A value without ± comes from a single case.")]
+    for metric in SUMMARY_METRICS:
         part = summary[summary["metric"] == metric]
         if part.empty:
             continue
         tasks = sorted(part["task"].unique())
-        lines += [f"## {metric.upper()}{unit}: mean ± std over test cases", ""]
-        lines.append("| method | " + " | ".join(tasks) + " | mean |")
-        lines.append("|---" * (len(tasks) + 2) + "|")
-        for method, grp in part.groupby("method"):
+        rows = []
+        for method, grp in part.groupby("method", sort=True):
             cells = []
             for t in tasks:
                 r = grp[grp["task"] == t]
-                cells.append(f"{r['mean'].iloc[0]:.3f} ± {r['std'].fillna(0).iloc[0]:.3f}" if len(r) else "–")
-            lines.append(f"| {method} | " + " | ".join(cells) + f" | {grp['mean'].mean():.3f} |")
-        lines.append("")
+                if r.empty:
+                    cells.append("–")
+                elif int(r["cases"].iloc[0]) < 2:
+                    cells.append(_fmt(r["mean"].iloc[0]))
+                else:
+                    cells.append(f"{_fmt(r['mean'].iloc[0])} ± {_fmt(r['std'].iloc[0])}")
+            rows.append([method, *cells, _fmt(grp["mean"].mean())])
+        out.append(Section(2, f"{METRIC_TITLES[metric]}: mean ± std over test cases",
+                           "The last column is the mean of the method's task means.",
+                           ["method", *tasks, "mean over tasks"], rows))
+    if not forgetting.empty:
+        out.append(Section(2, "Forgetting: R[i, j] = mean Dice on task j after step i",
+                           "Rows: the model after each training step; columns: the tasks learned so far. "
+                           "BWT = mean over j < n of R[n, j] − R[j, j] (Lopez-Paz & Ranzato 2017); "
+                           "negative values mean earlier tasks were forgotten."))
+        for method, grp in forgetting.groupby("method", sort=True):
+            steps = grp.sort_values("step_index")["step"].unique().tolist()
+            cells = {(s, t): d for s, t, d in zip(grp["step"], grp["task"], grp["dice"])}
+            rows = [[f"after {s}", *[_fmt(cells[(s, t)]) if (s, t) in cells else "" for t in steps]] for s in steps]
+            b = bwt[bwt["method"] == method]
+            title = method + (f" (BWT {_signed(b['bwt'].iloc[0])})" if not b.empty else "")
+            out.append(Section(3, title, "", ["model \\ task", *steps], rows))
+        out.append(Section(3, "Backward transfer", "", ["method", "BWT", "tasks", "final step"],
+                           [[m, _signed(v), str(n), s] for m, v, n, s in
+                            zip(bwt["method"], bwt["bwt"], bwt["tasks"], bwt["final_step"])]))
+    if paired.empty:
+        out.append(Section(2, f"Paired comparison against {settings.reference}",
+                           f"No comparison: `{settings.reference}` has no own-step metrics, or shares no test "
+                           "case with another method."))
+    else:
+        pct = f"{round(100 * settings.ci)} %"
+        rows = [[m, t, METRIC_TITLES[k], str(n), _signed(d), f"[{_signed(lo)}, {_signed(hi)}]"]
+                for m, t, k, n, d, lo, hi in zip(paired["method"], paired["task"], paired["metric"], paired["cases"],
+                                                 paired["mean_diff"], paired["ci_low"], paired["ci_high"])]
+        out.append(Section(2, f"Paired comparison: {settings.reference} − each method",
+                           f"Mean over the same test cases of ({settings.reference} − method), {pct} percentile "
+                           f"bootstrap interval over cases ({settings.n_boot} resamples, seed {settings.seed}). "
+                           "Dice: positive favours the reference; HD95: negative favours it.",
+                           ["method", "task", "metric", "cases", "mean difference", f"{pct} CI"], rows))
+    if not budget.empty:
+        rows = [[s, str(r), str(n), _fmt(m), _fmt(sd), str(k)] for s, r, n, m, sd, k in
+                zip(budget["strategy"], budget["round"], budget["labels"], budget["dice_mean"], budget["dice_std"],
+                    budget["seeds"])]
+        out.append(Section(2, "Label-budget curves", "Dice after each active-learning round, mean and std over seeds.",
+                           ["strategy", "round", "labels", "Dice mean", "Dice std", "seeds"], rows))
+    if not logs.empty:
+        rows = []
+        for (method, step, stage), grp in logs.groupby(["method", "step", "stage"], sort=True):
+            last = grp.sort_values("iteration").iloc[-1]
+            first = grp.sort_values("iteration").iloc[0]
+            rows.append([method, step, stage, str(int(last["iteration"])), _fmt(first["loss"]), _fmt(last["loss"])])
+        out.append(Section(2, "Training jobs", "Loss at the first and the last logged iteration of every job.",
+                           ["method", "step", "stage", "iterations", "first loss", "last loss"], rows))
+    return out
+
+
+def render_markdown(sections: Sequence[Section]) -> str:
+    """The sections as GitHub-flavoured Markdown (first line ``# segadapt summary``)."""
+    lines: list[str] = []
+    for s in sections:
+        lines += ["#" * s.level + " " + s.title, ""]
+        if s.text:
+            lines += [s.text, ""]
+        if s.header:
+            lines.append("| " + " | ".join(s.header) + " |")
+            lines.append("|" + "---|" * len(s.header))
+            lines += ["| " + " | ".join(r) + " |" for r in s.rows]
+            lines.append("")
     return "\n".join(lines)
 
 
-def run(metrics: Sequence[Path], out: Path, settings: dict[str, Any]) -> None:
-    """Concatenate ``metrics`` into ``out/metrics.parquet``; write ``out/summary.parquet`` and ``out/summary.md``."""
+def render_html(sections: Sequence[Section]) -> str:
+    """The sections as one self-contained HTML page (the report shows it in a frame)."""
+    style = ("body{font-family:sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse;margin:0.5em 0 1.5em}"
+             "th,td{border:1px solid #bbb;padding:3px 8px;text-align:right}th{background:#eee}"
+             "td:first-child,th:first-child{text-align:left}p{max-width:60em}")
+    body = []
+    for s in sections:
+        body.append(f"<h{s.level}>{html.escape(s.title)}</h{s.level}>")
+        if s.text:
+            body.append("<p>" + re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(s.text)) + "</p>")
+        if s.header:
+            body.append("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in s.header)
+                        + "</tr></thead><tbody>")
+            body += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in s.rows]
+            body.append("</tbody></table>")
+    return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>segadapt summary</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+# ------------------------------------------------------------------------------------------- stage
+
+
+def _read_checked(path: Path, required: Sequence[str]) -> pd.DataFrame:
+    if not Path(path).is_file():
+        raise InputError(path, "file not found")
+    try:
+        df = read_parquet(path)
+    except Exception as err:  # a truncated or foreign file: say which one
+        raise InputError(path, f"not a readable Parquet table ({err})") from err
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise InputError(path, f"lacks columns {missing} (has {list(df.columns)})")
+    return df
+
+
+def run(metrics: Sequence[Path], out: Path, settings: Mapping[str, Any], train_logs: Sequence[Path] = (),
+        budget: Sequence[Path] = ()) -> None:
+    """Write every summary table under ``out``.
+
+    Args:
+        metrics: metrics tables of ``stages.evaluate`` (one per evaluated model).
+        out: the summary folder: ``metrics.parquet`` (all rows), ``cases.parquet`` (per case, mean over
+            foreground classes), ``summary.parquet``, ``forgetting.parquet``, ``bwt.parquet``,
+            ``paired.parquet``, ``budget.parquet``, ``training_logs.parquet`` (empty tables with their
+            columns where nothing applies) and ``summary.md`` / ``summary.html``.
+        settings: see :class:`SummarySettings`.
+        train_logs: ``train_log.parquet`` / ``pretrain_log.parquet`` files (paths say which job).
+        budget: active-learning round tables (``strategy, round, labels, seed, dice``).
+    """
+    conf = SummarySettings.from_mapping(settings)
     if not metrics:
         raise InputError("--metrics", "no metrics tables given")
-    frames = [read_parquet(p) for p in metrics]
-    table = pd.concat(frames, ignore_index=True).sort_values(["method", "step", "task", "case", "class", "metric"])
-    prov = make_provenance("aggregate", settings, inputs=list(metrics))
-    write_parquet(table, out / "metrics.parquet", prov)
+    # validate and compute everything before the first write
+    frames = [_read_checked(p, METRIC_COLUMNS) for p in metrics]
+    logs = {Path(p): _read_checked(p, ("step", "loss")) for p in train_logs}
+    for p in logs:
+        log_origin(p)
+    rounds = [_read_checked(p, BUDGET_COLUMNS) for p in budget]
+
+    table = pd.concat(frames, ignore_index=True).sort_values(
+        ["method", "step", "task", "case", "class", "metric"]).reset_index(drop=True)
+    cases = case_table(table)
     summary = summary_table(table)
-    write_parquet(summary, out / "summary.parquet", prov)
-    with atomic_path(out / "summary.md") as tmp:
-        tmp.write_text(_markdown(summary))
+    forgetting = sequential_matrix(cases, conf.order)
+    bwt = backward_transfer(forgetting)
+    paired = paired_comparisons(cases, conf)
+    rounds = [r for r in [*rounds, active_rounds(table, conf.labels_per_round)] if not r.empty]
+    budget_curve = budget_table(pd.concat(rounds, ignore_index=True) if rounds else pd.DataFrame(
+        columns=BUDGET_COLUMNS))
+    log_table = training_log_table(logs)
+
+    hashes = {str(p): sha256_file(p) for p in [*metrics, *train_logs, *budget]}
+    recorded = {"reference": conf.reference, "n_boot": conf.n_boot, "ci": conf.ci, "seed": conf.seed,
+                "labels_per_round": conf.labels_per_round,
+                "order": list(conf.order)}
+
+    def prov(paths: Sequence[Path]) -> dict[str, Any]:
+        return make_provenance("aggregate", recorded, inputs={str(p): hashes[str(p)] for p in paths}, seed=conf.seed)
+
+    write_parquet(table, out / "metrics.parquet", prov(metrics))
+    write_parquet(cases, out / "cases.parquet", prov(metrics))
+    write_parquet(summary, out / "summary.parquet", prov(metrics))
+    write_parquet(forgetting, out / "forgetting.parquet", prov(metrics))
+    write_parquet(bwt, out / "bwt.parquet", prov(metrics))
+    write_parquet(paired, out / "paired.parquet", prov(metrics))
+    write_parquet(budget_curve, out / "budget.parquet", prov(budget))
+    write_parquet(log_table, out / "training_logs.parquet", prov(train_logs))
+    sections = _sections(summary, forgetting, bwt, paired, budget_curve, log_table, conf)
+    for name, text in (("summary.md", render_markdown(sections)), ("summary.html", render_html(sections))):
+        with atomic_path(out / name) as tmp:
+            tmp.write_text(text)
+    # the rendered documents carry their lineage in a sidecar (stages.audit reads it)
+    tables = [out / n for n in ("summary.parquet", "forgetting.parquet", "bwt.parquet", "paired.parquet",
+                                "budget.parquet", "training_logs.parquet")]
+    for name in ("summary.md", "summary.html"):
+        save_json(make_provenance("aggregate", recorded, inputs=tables, seed=conf.seed), out / f"{name}.prov.json")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.aggregate", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m stages.aggregate", description=__doc__.splitlines()[0])
     parser.add_argument("--metrics", type=Path, nargs="+", required=True, help="metrics Parquet files")
     parser.add_argument("--out", type=Path, required=True, help="summary folder")
-    parser.add_argument("--settings", type=json.loads, default={}, help="JSON object of settings")
+    parser.add_argument("--train-logs", type=Path, nargs="*", default=[],
+                        help="train_log.parquet / pretrain_log.parquet files")
+    parser.add_argument("--budget", type=Path, nargs="*", default=[],
+                        help="active-learning round tables (strategy, round, labels, seed, dice)")
+    parser.add_argument("--settings", type=json.loads, default={},
+                        help="JSON object: reference, n_boot, ci, seed, order")
     args = parser.parse_args(argv)
-    run(args.metrics, args.out, args.settings)
+    if not isinstance(args.settings, dict):
+        raise InputError("--settings", "must be a JSON object")
+    run(args.metrics, args.out, args.settings, args.train_logs, args.budget)
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def test_tiny_dag_produces_metrics_for_every_method_and_task(run: Path) -> None:
     metrics = pd.read_parquet(run / "results" / "summary" / "metrics.parquet")
     dice = metrics[metrics["metric"] == "dice"]
     assert set(dice["method"]) == {"medseqft", "ablation_no_lora", "parallel_ft", "multitask_ft",
-                                   "transfer_from_m0", "transfer_from_medseqft"}
+                                   "transfer_from_m0", "transfer_from_medseqft", "assft_dkd_asd", "assft_random"}
     assert set(dice.loc[dice["method"] == "parallel_ft", "task"]) == {"organ_lesion", "paired_organs"}
     assert set(dice.loc[dice["method"] == "transfer_from_m0", "task"]) == {"unseen"}
     assert dice["value"].between(0, 1).all()
@@ -207,3 +207,28 @@ def test_reordering_tasks_reruns_from_the_first_change(run: Path) -> None:
     assert "runs/medseqft/organ_lesion/model.safetensors" in outputs
     # parallel methods do not depend on the order
     assert "runs/parallel_ft/" not in outputs
+
+
+def test_assft_rounds_query_annotate_and_budget_curve(run: Path) -> None:
+    active = run / "results" / "active" / "unseen"
+    manifest = pd.read_parquet(run / "results" / "data" / "unseen" / "manifest.parquet")
+    pool = set(manifest.loc[manifest["split"] == "train", "case"])
+    for strategy in ("dkd_asd", "random"):
+        labelled: set[str] = set()
+        for r in (0, 1):
+            query = pd.read_parquet(active / strategy / "seed0" / f"round{r}" / "query.parquet")
+            picked = set(query.loc[query["picked"], "case"])
+            assert len(picked) == 1 and picked <= pool - labelled  # budget 1, never a labelled case again
+            assert set(query["case"]) == pool - labelled  # every still-unlabelled candidate is scored
+            labelled |= picked
+            folder = active / strategy / "seed0" / f"round{r}" / "labelled"
+            assert set(pd.read_parquet(folder / "labelled.parquet")["case"]) == labelled
+            # the oracle revealed exactly the queried labels: no other label file is reachable
+            assert {p.name[: -len("_seg.npy")] for p in (folder / "cases").glob("*_seg.npy")} == labelled
+    round1 = pd.read_parquet(active / "dkd_asd" / "seed0" / "round1" / "query.parquet")
+    assert round1["asd"].notna().any()  # round 1 uses the round-0 model for ASD
+    pseudo = pd.read_parquet(active / "dkd_asd" / "seed0" / "round1" / "pseudo_selective" / "pseudo.parquet")
+    assert set(pseudo["case"]) == pool - labelled
+    budget = pd.read_parquet(run / "results" / "summary" / "budget.parquet")
+    assert set(zip(budget["strategy"], budget["labels"])) == {("dkd_asd", 1), ("dkd_asd", 2), ("random", 1), ("random", 2)}
+    assert budget["dice_mean"].between(0, 1).all()

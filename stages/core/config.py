@@ -101,6 +101,11 @@ def validate_config(
             raise InputError(f"{source}: foundation.checkpoint", f"{ckpt!r} does not exist")
     if not config["foundation"]["checkpoint"] and not config["foundation"]["pool"]:
         raise InputError(f"{source}: foundation", "set `pool` (to pre-train M0) or `checkpoint` (to import it)")
+    assft = config["assft"]
+    if assft["target"] is not None and assft["target"] not in names:
+        raise InputError(f"{source}: assft.target", f"names no task in `tasks`: {assft['target']!r}")
+    if config["methods"]["assft"]["enabled"] and assft["target"] is None and not config["unseen"]:
+        raise InputError(f"{source}: assft.target", "set a target task (or list one in `unseen`) for ASSFT")
     if not config["order"]:
         config["order"] = [n for n in names if n not in config["unseen"]]
     return config

@@ -5,11 +5,11 @@ rule select_buffer:
     input:
         scores=f"{RESULTS}/scores/{{task}}/ssl.parquet",
     output:
-        f"{RESULTS}/buffers/{{strategy}}/{{task}}.parquet",
+        f"{RESULTS}/buffers/{{selection}}/{{task}}.parquet",
     log:
-        "logs/select_buffer/{strategy}/{task}.log",
+        "logs/select_buffer/{selection}/{task}.log",
     benchmark:
-        "benchmarks/select_buffer/{strategy}/{task}.tsv"
+        "benchmarks/select_buffer/{selection}/{task}.tsv"
     localrule: True
     conda:
         "../../envs/segadapt.yaml"

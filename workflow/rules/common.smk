@@ -49,6 +49,20 @@ BUFFER_STRATEGIES = sorted(
     {spec["buffer"] for spec in KGRFT.values() if spec["buffer"]}
 )
 
+# ASSFT (methods.md §2): one chain of query rounds per strategy and seed on the target task;
+# semi-supervised variants after the last round for the ASSFT strategy itself (dkd_asd).
+ASSFT = config["assft"]
+TARGET = ASSFT["target"] or (UNSEEN[0] if UNSEEN else None)
+ASSFT_ON = "assft" in ENABLED and TARGET is not None
+ACTIVE = f"{RESULTS}/active/{TARGET}"
+ACTIVE_RUNS = [
+    (q, seed)
+    for q in ASSFT["strategies"]
+    for seed in (ASSFT["random_seeds"] if q == "random" else [config["seed"]])
+]
+LAST_ROUND = ASSFT["rounds"] - 1
+SEMI = [m for m in ASSFT["semi"] if m != "none"]
+
 
 def alternatives(names):
     """A wildcard pattern matching exactly these names (or nothing)."""
@@ -217,6 +231,106 @@ def get_eval_task_names(wildcards):
     return " ".join(eval_tasks(wildcards.method, wildcards.step))
 
 
+def active_dir(wildcards):
+    return f"{ACTIVE}/{wildcards.query}/seed{wildcards.seed}"
+
+
+def active_start_model():
+    """The model every ASSFT round fine-tunes from (M0, or MedSeqFT's M_n)."""
+    return model_dir("medseqft", ORDER[-1]) if ASSFT["start"] == "medseqft" else FOUNDATION
+
+
+def get_previous_labelled(wildcards):
+    r = int(wildcards.round)
+    return [] if r == 0 else [f"{active_dir(wildcards)}/round{r - 1}/labelled/labelled.parquet"]
+
+
+def get_previous_round_model(wildcards):
+    r = int(wildcards.round)
+    return [] if r == 0 else [f"{active_dir(wildcards)}/round{r - 1}/model_l/model.safetensors"]
+
+
+def get_labelled_arg(wildcards, input):
+    previous = as_list(input.previous)
+    return f"--labelled {previous[0]}" if previous else ""
+
+
+def get_previous_arg(wildcards, input):
+    previous = as_list(input.previous)
+    return f"--previous {previous[0]}" if previous else ""
+
+
+def get_round_model_arg(wildcards, input):
+    model = as_list(input.model)
+    return f"--model {Path(model[0]).parent}" if model else ""
+
+
+def get_query_settings(wildcards):
+    options = {
+        "dkd_asd": {"weight": ASSFT["weight"]},
+        "mc_dropout": {"passes": ASSFT["mc_passes"], "dropout": ASSFT["mc_dropout"]},
+    }.get(wildcards.query, {})
+    return settings(
+        {
+            "strategy": wildcards.query,
+            "budget": ASSFT["budget"],
+            "seed": int(wildcards.seed),
+            "options": options,
+            "patch_size": config["train"]["patch_size"],
+            "overlap": config["inference"]["overlap"],
+            "sw_batch_size": config["inference"]["sw_batch_size"],
+            "device": config["device"],
+        }
+    )
+
+
+def get_inbox_arg(wildcards):
+    return f"--inbox {ASSFT['inbox']}" if ASSFT["annotation"] == "inbox" else ""
+
+
+def get_pseudo_settings(wildcards):
+    return settings(
+        {
+            "mode": wildcards.semi,
+            "q": ASSFT["q"],
+            "patch_size": config["train"]["patch_size"],
+            "overlap": config["inference"]["overlap"],
+            "sw_batch_size": config["inference"]["sw_batch_size"],
+            "device": config["device"],
+        }
+    )
+
+
+def semi_settings():
+    return settings({**train_dict(), "pseudo_weight": ASSFT["pseudo_weight"]})
+
+
+def get_active_eval_step(wildcards):
+    kind = wildcards.kind
+    return f"round{wildcards.round}" + ("" if kind == "model_l" else f"+{kind[len('model_'):]}")
+
+
+def get_active_eval_settings(wildcards):
+    return settings({**json.loads(evaluate_settings()), "seed": int(wildcards.seed)})
+
+
+def active_eval_tables():
+    if not ASSFT_ON:
+        return []
+    tables = [
+        f"{ACTIVE}/{q}/seed{s}/round{r}/eval_model_l/metrics.parquet"
+        for q, s in ACTIVE_RUNS
+        for r in range(ASSFT["rounds"])
+    ]
+    tables += [
+        f"{ACTIVE}/{q}/seed{s}/round{LAST_ROUND}/eval_model_{m}/metrics.parquet"
+        for q, s in ACTIVE_RUNS
+        if q == "dkd_asd"
+        for m in SEMI
+    ]
+    return tables
+
+
 # ---- settings of each step -------------------------------------------------------------------------
 def preprocess_settings(task=None):
     common = {
@@ -297,7 +411,7 @@ def buffer_settings(strategy):
 
 
 def get_buffer_settings(wildcards):
-    return buffer_settings(wildcards.strategy)
+    return buffer_settings(wildcards.selection)
 
 
 def evaluate_settings():
@@ -326,14 +440,121 @@ def evaluated_models():
 
 
 def get_metrics_tables(wildcards=None):
-    return [f"{RESULTS}/eval/{m}/{s}/metrics.parquet" for m, s in evaluated_models()]
+    tables = [f"{RESULTS}/eval/{m}/{s}/metrics.parquet" for m, s in evaluated_models()]
+    return tables + active_eval_tables()
 
 
 def get_final_outputs():
     outputs = [f"{RESULTS}/summary/metrics.parquet", f"{RESULTS}/summary/summary.md"]
+    outputs += report_outputs()
     outputs += [f"{RESULTS}/scores/{t}/ssl.parquet" for t in TASKS]
     outputs += [f"{RESULTS}/scores/{t}/features.parquet" for t in TASKS]
     outputs += [
         f"{RESULTS}/buffers/{s}/{t}.parquet" for s in BUFFER_STRATEGIES for t in ORDER
     ]
     return outputs
+
+
+# ---- summary and report (rules/report.smk) ------------------------------------------------------------
+SUMMARY = f"{RESULTS}/summary"
+PLOTS = f"{SUMMARY}/plots"
+
+
+def summary_settings():
+    s = config["summary"]
+    return settings(
+        {
+            "reference": s["reference"],
+            "n_boot": s["n_boot"],
+            "ci": s["ci"],
+            "seed": config["seed"],
+            "order": ORDER,
+            "labels_per_round": ASSFT["budget"] if ASSFT_ON else 0,
+        }
+    )
+
+
+def plot_settings():
+    s = config["summary"]
+    return settings({"reference": s["reference"], "dpi": s["dpi"]})
+
+
+def get_train_logs():
+    """Every training job's log: M0's pre-training (unless imported), then each evaluated model's jobs."""
+    logs = (
+        []
+        if config["foundation"]["checkpoint"]
+        else [f"{FOUNDATION}/pretrain_log.parquet"]
+    )
+    for method, step in evaluated_models():
+        run = model_dir(method, step)
+        if method in KGRFT:
+            logs.append(f"{run}/teacher/train_log.parquet")
+        logs.append(
+            f"{run}/adapter/train_log.parquet"
+            if method in LORA
+            else f"{run}/train_log.parquet"
+        )
+    return logs
+
+
+def get_budget_tables():
+    """Extra active-learning round tables (strategy, round, labels, seed, dice); the ASSFT chains' own
+    rounds are read from their metrics by stages.aggregate."""
+    return []
+
+
+def overlay_models():
+    """(task, step) of the reference method's own-step models: its best and worst test cases are drawn."""
+    ref = config["summary"]["reference"]
+    return [
+        (t, s)
+        for m, s in evaluated_models()
+        if m == ref
+        for t in eval_tasks(m, s)
+        if s in (t, "all")
+    ]
+
+
+def overlay_predictions(step):
+    return f"{RESULTS}/eval/{config['summary']['reference']}/{step}/predictions"
+
+
+def get_overlay_predictions():
+    return [overlay_predictions(s) for t, s in overlay_models()]
+
+
+def get_overlay_manifests():
+    return [f"{data_dir(t)}/manifest.parquet" for t, s in overlay_models()]
+
+
+def overlay_args():
+    """TASK:STEP:PREDICTIONS_DIR:DATA_DIR per overlay: the folders of the two input lists above."""
+    return " ".join(
+        f"{t}:{s}:{overlay_predictions(s)}:{data_dir(t)}" for t, s in overlay_models()
+    )
+
+
+def forgetting_figure():
+    """The R heat maps exist when a sequential method learned more than one task."""
+    return [f"{PLOTS}/forgetting.png"] if SEQUENTIAL and len(ORDER) > 1 else []
+
+
+def budget_figure():
+    return [f"{PLOTS}/budget.png"] if get_budget_tables() or ASSFT_ON else []
+
+
+def overlay_figures():
+    return [f"{PLOTS}/overlay_{t}.png" for t, s in overlay_models()]
+
+
+def report_outputs():
+    """The files the HTML report shows (rule all asks for them, so a plain run makes them)."""
+    return [
+        f"{SUMMARY}/summary.html",
+        f"{PLOTS}/dice_boxplots.png",
+        f"{PLOTS}/training_loss.png",
+        *forgetting_figure(),
+        *budget_figure(),
+        *overlay_figures(),
+    ]

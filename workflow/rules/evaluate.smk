@@ -1,5 +1,5 @@
 # Evaluation of every trained model on the test split of each task it carries a head for
-# (predictions in original geometry + Dice/HD95/NSD), and the summary of all of them.
+# (predictions in original geometry + Dice/HD95/NSD); the summary is in report.smk.
 
 
 rule evaluate_model:
@@ -30,27 +30,3 @@ rule evaluate_model:
         "python -m stages.evaluate --model {params.model:q} --task {params.tasks} --data {params.data}"
         " --out {params.out:q} --method {wildcards.method} --step {wildcards.step}"
         " --settings {params.settings:q} > {log} 2>&1"
-
-
-rule aggregate_metrics:
-    input:
-        get_metrics_tables(),
-    output:
-        metrics=f"{RESULTS}/summary/metrics.parquet",
-        summary=f"{RESULTS}/summary/summary.parquet",
-        table=f"{RESULTS}/summary/summary.md",
-    log:
-        "logs/aggregate/aggregate.log",
-    benchmark:
-        "benchmarks/aggregate/aggregate.tsv"
-    localrule: True
-    conda:
-        "../../envs/segadapt.yaml"
-    resources:
-        mem_mb=2000,
-        runtime=10,
-    params:
-        code=code_hash("aggregate"),
-        out=output_dir("metrics"),
-    shell:
-        "python -m stages.aggregate --metrics {input:q} --out {params.out:q} > {log} 2>&1"

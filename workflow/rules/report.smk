@@ -96,7 +96,7 @@ rule plot_summary:
         code=code_hash("plots"),
         summary=input_dir("cases"),
         out=output_dir("dice"),
-        overlays=get_overlay_args,
+        overlays=overlay_args(),
         settings=plot_settings(),
     shell:
         "python -m stages.plots --summary {params.summary:q} --out {params.out:q} --overlay {params.overlays}"

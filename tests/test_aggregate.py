@@ -1,0 +1,238 @@
+"""The summary numbers: methods x tasks means, the sequential matrix and BWT, paired bootstrap CIs, budget and log tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from stages import aggregate
+from stages.core.errors import InputError
+from stages.core.io import make_provenance, read_parquet, read_provenance, write_parquet
+
+TASKS = ["liver", "spleen", "kidney"]
+# R[i][j]: per-case Dice (two cases, two foreground classes each) of medseqft after step i on task j;
+# a case's value is the mean of its two classes, so each cell below is the mean over cases of these.
+R_SEQ = {
+    ("liver", "liver"): [(0.8, 0.6), (0.9, 0.7)],  # cases 0.7, 0.8 -> 0.75
+    ("spleen", "liver"): [(0.6, 0.4), (0.7, 0.5)],  # 0.5, 0.6 -> 0.55
+    ("spleen", "spleen"): [(0.9, 0.9), (0.8, 0.6)],  # 0.9, 0.7 -> 0.8
+    ("kidney", "liver"): [(0.5, 0.3), (0.6, 0.4)],  # 0.4, 0.5 -> 0.45
+    ("kidney", "spleen"): [(0.7, 0.7), (0.6, 0.4)],  # 0.7, 0.5 -> 0.6
+    ("kidney", "kidney"): [(0.9, 0.7), (0.7, 0.7)],  # 0.8, 0.7 -> 0.75
+}
+R_MEAN = {("liver", "liver"): 0.75, ("spleen", "liver"): 0.55, ("spleen", "spleen"): 0.8,
+          ("kidney", "liver"): 0.45, ("kidney", "spleen"): 0.6, ("kidney", "kidney"): 0.75}
+# BWT = mean_{j<n}(R[n, j] - R[j, j]) = ((0.45 - 0.75) + (0.6 - 0.8)) / 2
+BWT_MEDSEQFT = -0.25
+
+
+def _rows(method: str, step: str, task: str, per_case: list[tuple[float, float]], metric: str = "dice") -> list[dict]:
+    rows = []
+    for i, classes in enumerate(per_case):
+        # class 0 never enters a summary (evaluate writes foreground only; a stray background row must be ignored)
+        rows.append({"method": method, "step": step, "task": task, "case": f"{task}_{i:03d}", "class": 0,
+                     "metric": metric, "value": 99.0, "flag": ""})
+        for c, v in enumerate(classes, start=1):
+            rows.append({"method": method, "step": step, "task": task, "case": f"{task}_{i:03d}", "class": c,
+                         "metric": metric, "value": v, "flag": ""})
+    return rows
+
+
+def metrics_frame() -> pd.DataFrame:
+    rows = []
+    for (step, task), vals in R_SEQ.items():
+        rows += _rows("medseqft", step, task, vals)
+        rows += _rows("medseqft", step, task, [(10 * a, 10 * b) for a, b in vals], "hd95")
+    # an active-learning chain on an unseen task: steps are rounds, never part of R or the own-step table
+    for step in ("round0", "round1", "round1+selective"):
+        rows += _rows("assft_dkd_asd", step, "unseen", [(0.2, 0.4)])
+    for task in TASKS:
+        rows += _rows("parallel_ft", task, task, [(0.5, 0.5), (0.6, 0.4)])  # 0.5, 0.5
+        rows += _rows("parallel_ft", task, task, [(20.0, 10.0), (30.0, 10.0)], "hd95")  # 15, 20
+        rows += _rows("multitask_ft", "all", task, [(0.4, 0.2), (0.6, 0.6)])  # 0.3, 0.6
+    return pd.DataFrame(rows)
+
+
+def write_metrics(folder: Path, df: pd.DataFrame) -> list[Path]:
+    paths = []
+    for (method, step), part in df.groupby(["method", "step"]):
+        path = folder / "eval" / method / step / "metrics.parquet"
+        write_parquet(part.reset_index(drop=True), path, make_provenance("evaluate", {}, method=method, step=step))
+        paths.append(path)
+    return paths
+
+
+def test_summary_mean_is_the_mean_over_cases_of_the_class_mean() -> None:
+    summary = aggregate.summary_table(metrics_frame())
+    dice = summary[summary["metric"] == "dice"].set_index(["method", "task"])
+    # medseqft on each task uses the step that learned it (the diagonal of R)
+    assert dice.loc[("medseqft", "liver"), "mean"] == pytest.approx(0.75)
+    assert dice.loc[("medseqft", "spleen"), "mean"] == pytest.approx(0.8)
+    assert dice.loc[("medseqft", "spleen"), "std"] == pytest.approx(np.std([0.9, 0.7], ddof=1))
+    assert dice.loc[("medseqft", "kidney"), "cases"] == 2
+    # the multi-task model is scored with its one step "all"
+    assert dice.loc[("multitask_ft", "kidney"), "step"] == "all"
+    assert dice.loc[("multitask_ft", "kidney"), "mean"] == pytest.approx(0.45)
+    hd = summary[summary["metric"] == "hd95"].set_index(["method", "task"])
+    assert hd.loc[("parallel_ft", "liver"), "mean"] == pytest.approx(17.5)
+    assert len(dice) == 9  # 3 methods x 3 tasks, no row of an earlier task under a later step
+
+
+def test_sequential_matrix_and_backward_transfer_match_hand_computation() -> None:
+    cases = aggregate.case_table(metrics_frame())
+    forgetting = aggregate.sequential_matrix(cases, TASKS)
+    assert set(forgetting["method"]) == {"medseqft"}  # parallel and multi-task are never re-evaluated
+    got = {(s, t): d for s, t, d in zip(forgetting["step"], forgetting["task"], forgetting["dice"])}
+    assert got.keys() == R_MEAN.keys()
+    for key, value in R_MEAN.items():
+        assert got[key] == pytest.approx(value)
+    bwt = aggregate.backward_transfer(forgetting)
+    assert bwt["bwt"].iloc[0] == pytest.approx(BWT_MEDSEQFT)
+    assert bwt["tasks"].iloc[0] == 3 and bwt["final_step"].iloc[0] == "kidney"
+    # without an explicit order the steps are ordered by how many tasks each was evaluated on
+    inferred = aggregate.sequential_matrix(cases)
+    pd.testing.assert_frame_equal(inferred, forgetting)
+
+
+def test_sequential_matrix_refuses_a_missing_earlier_task() -> None:
+    df = metrics_frame()
+    df = df[~((df["method"] == "medseqft") & (df["step"] == "kidney") & (df["task"] == "liver"))]
+    with pytest.raises(InputError, match="after step kidney has no Dice on earlier task liver"):
+        aggregate.sequential_matrix(aggregate.case_table(df), TASKS)
+    with pytest.raises(InputError, match="outside the task order"):
+        aggregate.sequential_matrix(aggregate.case_table(metrics_frame()), ["liver", "spleen"])
+
+
+def test_bootstrap_ci_contains_the_true_difference_and_is_seeded() -> None:
+    rng = np.random.default_rng(7)
+    diffs = 0.05 + rng.normal(0.0, 0.02, size=40)
+    a = aggregate.bootstrap_mean_ci(diffs, 2000, 0.95, np.random.default_rng(1))
+    b = aggregate.bootstrap_mean_ci(diffs, 2000, 0.95, np.random.default_rng(1))
+    c = aggregate.bootstrap_mean_ci(diffs, 2000, 0.95, np.random.default_rng(2))
+    assert a == b and a != c
+    assert a[0] < diffs.mean() < a[1]
+    # width close to the normal-theory 2 * 1.96 * s / sqrt(n)
+    expected = 2 * 1.96 * diffs.std(ddof=1) / np.sqrt(diffs.size)
+    assert a[1] - a[0] == pytest.approx(expected, rel=0.15)
+
+
+def test_bootstrap_ci_covers_the_true_difference_at_about_its_level() -> None:
+    # 300 simulated studies of 25 paired cases with true mean difference 0.05: a 95 % interval should
+    # contain 0.05 in about 95 % of them (the percentile bootstrap runs slightly under at small n)
+    rng = np.random.default_rng(11)
+    hits = 0
+    for _ in range(300):
+        diffs = 0.05 + rng.normal(0.0, 0.03, size=25)
+        low, high = aggregate.bootstrap_mean_ci(diffs, 400, 0.95, rng)
+        hits += low < 0.05 < high
+    assert 0.89 <= hits / 300 <= 0.99
+
+
+def test_paired_comparison_uses_the_same_cases_and_own_step_models() -> None:
+    cases = aggregate.case_table(metrics_frame())
+    conf = aggregate.SummarySettings(reference="medseqft", n_boot=500, seed=3)
+    paired = aggregate.paired_comparisons(cases, conf)
+    row = paired[(paired["method"] == "parallel_ft") & (paired["task"] == "spleen") & (paired["metric"] == "dice")]
+    # medseqft own step on spleen: cases 0.9, 0.7; parallel_ft: 0.5, 0.5 -> differences 0.4, 0.2
+    assert row["mean_diff"].iloc[0] == pytest.approx(0.3)
+    assert row["cases"].iloc[0] == 2
+    assert 0.2 - 1e-12 <= row["ci_low"].iloc[0] <= 0.3 <= row["ci_high"].iloc[0] <= 0.4 + 1e-12
+    multi = paired[(paired["method"] == "multitask_ft") & (paired["task"] == "liver") & (paired["metric"] == "dice")]
+    assert multi["step"].iloc[0] == "all" and multi["mean_diff"].iloc[0] == pytest.approx(0.75 - 0.45)
+    assert set(zip(paired["method"], paired["metric"])) == {("parallel_ft", "dice"), ("parallel_ft", "hd95"),
+                                                            ("multitask_ft", "dice")}
+    # a comparison's interval does not depend on which other methods exist
+    alone = aggregate.paired_comparisons(cases[cases["method"] != "multitask_ft"], conf)
+    pd.testing.assert_frame_equal(alone[alone["method"] == "parallel_ft"].reset_index(drop=True),
+                                  paired[paired["method"] == "parallel_ft"].reset_index(drop=True))
+    # no reference in the metrics: no rows, no error
+    absent = aggregate.paired_comparisons(cases, aggregate.SummarySettings(reference="assft"))
+    assert absent.empty and list(absent.columns) == aggregate.PAIRED_COLUMNS
+
+
+def test_log_origin_reads_the_job_from_the_path() -> None:
+    assert aggregate.log_origin(Path("results/runs/medseqft/liver/teacher/train_log.parquet")) == (
+        "medseqft", "liver", "teacher")
+    assert aggregate.log_origin(Path("/x/results/runs/medseqft/liver/adapter/train_log.parquet"))[2] == "adapter"
+    assert aggregate.log_origin(Path("results/runs/multitask_ft/all/train_log.parquet")) == ("multitask_ft", "all",
+                                                                                           "train")
+    assert aggregate.log_origin(Path("results/foundation/pretrain_log.parquet")) == ("foundation", "pretrain",
+                                                                                    "pretrain")
+    with pytest.raises(InputError, match="not a training log"):
+        aggregate.log_origin(Path("results/runs/medseqft/train_log.parquet"))
+
+
+def _write_logs(root: Path) -> list[Path]:
+    paths = []
+    for rel, extra in (("foundation/pretrain_log.parquet", {"inpaint": [1.0, 0.8]}),
+                       ("runs/medseqft/liver/teacher/train_log.parquet", {"seg": [2.0, 1.5]}),
+                       ("runs/medseqft/liver/adapter/train_log.parquet", {"kd": [0.1, 0.05]})):
+        df = pd.DataFrame({"step": [1, 2], "loss": [2.0, 1.0], **extra})
+        write_parquet(df, root / rel, make_provenance("train", {}))
+        paths.append(root / rel)
+    return paths
+
+
+def test_run_writes_every_table_and_reruns_byte_identically(tmp_path: Path) -> None:
+    metric_paths = write_metrics(tmp_path, metrics_frame())
+    logs = _write_logs(tmp_path)
+    rounds = pd.DataFrame({"strategy": ["random"] * 4 + ["dkd_asd"] * 2, "round": [0, 0, 1, 1, 0, 1],
+                           "labels": [2, 2, 4, 4, 2, 4], "seed": [0, 1, 0, 1, 0, 0],
+                           "dice": [0.3, 0.5, 0.6, 0.8, 0.45, 0.75]})
+    write_parquet(rounds, tmp_path / "rounds.parquet", make_provenance("query_round", {}))
+    settings = {"reference": "medseqft", "n_boot": 300, "seed": 0, "order": TASKS}
+    out = tmp_path / "summary"
+    aggregate.run(metric_paths, out, settings, logs, [tmp_path / "rounds.parquet"])
+    names = ["metrics.parquet", "cases.parquet", "summary.parquet", "forgetting.parquet", "bwt.parquet",
+             "paired.parquet", "budget.parquet", "training_logs.parquet", "summary.md", "summary.html"]
+    first = {n: (out / n).read_bytes() for n in names}
+
+    md = (out / "summary.md").read_text()
+    assert md.splitlines()[0] == "# segadapt summary"
+    # columns sorted: kidney, liver, spleen; the own-step diagonal of R with its sample std
+    assert "| medseqft | 0.750 ± 0.071 | 0.750 ± 0.071 | 0.800 ± 0.141 | 0.767 |" in md
+    assert "### medseqft (BWT -0.250)" in md
+    assert "<h1>segadapt summary</h1>" in (out / "summary.html").read_text()
+    assert read_parquet(out / "bwt.parquet")["bwt"].iloc[0] == pytest.approx(BWT_MEDSEQFT)
+
+    budget = read_parquet(out / "budget.parquet").set_index(["strategy", "round"])
+    assert budget.loc[("random", 1), "dice_mean"] == pytest.approx(0.7)
+    assert budget.loc[("random", 1), "dice_std"] == pytest.approx(np.std([0.6, 0.8], ddof=1))
+    assert budget.loc[("random", 1), "seeds"] == 2
+    logs_table = read_parquet(out / "training_logs.parquet")
+    assert set(zip(logs_table["method"], logs_table["stage"])) == {("foundation", "pretrain"),
+                                                                  ("medseqft", "teacher"), ("medseqft", "adapter")}
+    assert logs_table["iteration"].tolist() == [1, 2] * 3
+    assert set(read_provenance(out / "summary.parquet")["inputs"]) == {str(p) for p in metric_paths}
+    assert set(read_provenance(out / "training_logs.parquet")["inputs"]) == {str(p) for p in logs}
+    assert read_provenance(out / "summary.md")["stage"] == "aggregate"  # sidecar
+
+    aggregate.run(metric_paths, out, settings, logs, [tmp_path / "rounds.parquet"])
+    assert {n: (out / n).read_bytes() for n in names} == first
+
+
+def test_run_without_budget_or_logs_writes_empty_tables(tmp_path: Path) -> None:
+    df = metrics_frame()
+    paths = write_metrics(tmp_path, df[df["method"] == "parallel_ft"])
+    aggregate.main(["--metrics", *map(str, paths), "--out", str(tmp_path / "s"), "--settings", '{"n_boot": 100}'])
+    for name in ("budget.parquet", "training_logs.parquet", "forgetting.parquet", "bwt.parquet", "paired.parquet"):
+        assert read_parquet(tmp_path / "s" / name).empty, name
+    assert "No comparison: `medseqft`" in (tmp_path / "s" / "summary.md").read_text()
+
+
+def test_bad_input_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    paths = write_metrics(tmp_path, metrics_frame())
+    bad = tmp_path / "bad.parquet"
+    write_parquet(pd.DataFrame({"method": ["x"], "value": [1.0]}), bad, make_provenance("evaluate", {}))
+    with pytest.raises(InputError, match=r"bad\.parquet: lacks columns"):
+        aggregate.run([*paths, bad], tmp_path / "out", {})
+    stray = tmp_path / "elsewhere" / "train_log.parquet"
+    write_parquet(pd.DataFrame({"step": [1], "loss": [1.0]}), stray, make_provenance("train", {}))
+    with pytest.raises(InputError, match="not a training log"):
+        aggregate.run(paths, tmp_path / "out", {}, train_logs=[stray])
+    with pytest.raises(InputError, match="unknown keys"):
+        aggregate.run(paths, tmp_path / "out", {"n_bootstrap": 10})
+    assert not (tmp_path / "out").exists()
