@@ -67,7 +67,9 @@ KillWait=5
 # Without a default, a job that asks for no memory takes the whole node and jobs run one at a time.
 DefMemPerCPU=1000
 MailProg=/bin/true
-NodeName={node} NodeAddr=127.0.0.1 {hardware} RealMemory={memory_mb} State=UNKNOWN
+# One stand-in GPU (gres.conf points it at /dev/null) so that `--gpus=1` jobs get scheduled.
+GresTypes=gpu
+NodeName={node} NodeAddr=127.0.0.1 {hardware} RealMemory={memory_mb} Gres=gpu:1 State=UNKNOWN
 PartitionName={partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
@@ -135,25 +137,26 @@ def ensure_slurm_installed(timeout: float = 600) -> None:
     if _which("apt-get") is None:
         raise SlurmUnavailable("slurm-wlm/munge are not installed and there is no apt-get to install them")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    log = []
-    # Try without `update` first: a machine with fresh package lists installs without touching the network
-    # for them; `update` is needed on images that ship without lists.
+    attempt = ""
+    # Try without `update` first: with fresh package lists that needs no index download; `update` is
+    # for images that ship without lists or with stale ones.
     for cmds in ([["apt-get", "install", "-y", "-q", *PACKAGES]],
                  [["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", *PACKAGES]]):
-        ok = True
+        attempt = ""
         for cmd in cmds:
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout,
                                   stdin=subprocess.DEVNULL)
-            log.append(f"$ {' '.join(cmd)}\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+            attempt += f"$ {' '.join(cmd)}\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}\n"
             if proc.returncode != 0:
-                ok = False
                 break
-        if ok and all(_which(b) for b in BINARIES):
-            return
-    text = "\n".join(log)
-    if OFFLINE_PATTERNS.search(text):
-        raise SlurmUnavailable(f"apt-get could not install {' '.join(PACKAGES)} (offline?):\n{text[-1500:]}")
-    raise RuntimeError(f"apt-get could not install {' '.join(PACKAGES)}:\n{text[-4000:]}")
+        else:
+            if all(_which(b) for b in BINARIES):
+                return
+    if OFFLINE_PATTERNS.search(attempt):
+        raise SlurmUnavailable(f"apt-get could not install {' '.join(PACKAGES)} (offline?):\n{attempt[-1500:]}")
+    missing = [b for b in BINARIES if not _which(b)]
+    raise RuntimeError(f"apt-get could not install {' '.join(PACKAGES)} (missing: {' '.join(missing)}):\n"
+                       f"{attempt[-4000:]}")
 
 
 def _node_hardware() -> tuple[str, str, int]:
@@ -251,13 +254,46 @@ def _wait_idle(cluster: SlurmCluster, timeout: float) -> None:
     raise RuntimeError(f"the Slurm node is {state!r}, not idle, {timeout:.0f} s after start\n{cluster.logs()}")
 
 
+def _running(name: str) -> bool:
+    """True if a live process with this command name exists (zombies do not count)."""
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        with contextlib.suppress(OSError):
+            if comm.read_text().strip() == name and _pid_alive(int(comm.parent.name)):
+                return True
+    return False
+
+
+@contextlib.contextmanager
+def _replaced_files(files: dict[Path, str], backup_dir: Path) -> Iterator[None]:
+    """Write system files for the block's duration; put back what was there (or nothing) afterwards."""
+    backups: dict[Path, Path | None] = {}
+    try:
+        for i, (path, text) in enumerate(files.items()):
+            backup = backup_dir / f"{i}.{path.name}.orig"
+            if path.exists():
+                shutil.copy2(path, backup)
+                backups[path] = backup
+            else:
+                backups[path] = None
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        yield
+    finally:
+        for path, backup in backups.items():
+            if backup is None:
+                path.unlink(missing_ok=True)
+            else:
+                shutil.copy2(backup, path)
+
+
 @contextlib.contextmanager
 def single_node_slurm(state_dir: Path, timeout: float = 60) -> Iterator[SlurmCluster]:
     """Run munged, slurmctld and slurmd on this machine for the duration of the `with` block.
 
-    Writes /etc/slurm/slurm.conf (an existing one is backed up and put back), keeps every other file
-    under `state_dir`, waits until the node is idle, and on leaving stops the daemons it started by
-    their ids (TERM, then KILL; munged last), also when the block raises.
+    Writes /etc/slurm/slurm.conf and gres.conf (existing ones are backed up and put back), keeps every
+    other file under `state_dir`, waits until the node is idle, and on leaving stops the daemons it
+    started by their ids (TERM, then KILL; munged last), also when the block raises. The node offers
+    one stand-in GPU (a GRES backed by /dev/null), so `--gpus=1` jobs are scheduled as on a GPU node.
 
     Args:
         state_dir: an empty folder for state, spool, pid and log files.
@@ -269,37 +305,31 @@ def single_node_slurm(state_dir: Path, timeout: float = 60) -> Iterator[SlurmClu
     """
     ensure_slurm_installed()
     for daemon in ("slurmctld", "slurmd"):
-        if _run(["pgrep", "-x", daemon], check=False).returncode == 0:
+        if _running(daemon):
             raise SlurmUnavailable(f"a {daemon} already runs on this machine; the test brings up its own cluster")
     node, hardware, memory_mb = _node_hardware()
     cpus = int(re.search(r"CPUs=(\d+)", hardware).group(1))
     for sub in ("run", "state", "spool", "log"):
         (state_dir / sub).mkdir(parents=True, exist_ok=True)
     cluster = SlurmCluster(state_dir=state_dir, node=node, partition=PARTITION, cpus=cpus, memory_mb=memory_mb)
-
-    backup = state_dir / "slurm.conf.orig"
-    had_conf = SLURM_CONF.exists()
+    files = {
+        SLURM_CONF: SLURM_CONF_TEMPLATE.format(
+            node=node, state=state_dir, hardware=hardware, memory_mb=memory_mb, partition=PARTITION),
+        SLURM_CONF.with_name("gres.conf"): f"NodeName={node} Name=gpu File=/dev/null\n",
+    }
     started: list[int] = []  # stopped in reverse order: slurmd, slurmctld, munged
-    try:
-        if had_conf:
-            shutil.copy2(SLURM_CONF, backup)
-        SLURM_CONF.parent.mkdir(parents=True, exist_ok=True)
-        SLURM_CONF.write_text(SLURM_CONF_TEMPLATE.format(
-            node=node, state=state_dir, hardware=hardware, memory_mb=memory_mb, partition=PARTITION))
-        munge_pid = _start_munge()
-        if munge_pid is not None:
-            started.append(munge_pid)
-        for daemon in ("slurmctld", "slurmd"):
-            _run([daemon], timeout=30)  # both fork into the background once their pid file is due
-            started.append(_read_pid(state_dir / "run" / f"{daemon}.pid"))
-        _wait_idle(cluster, timeout)
-        yield cluster
-    finally:
-        for pid in reversed(started):
-            _stop_pid(pid)
-        for daemon in ("slurmctld", "slurmd"):
-            (state_dir / "run" / f"{daemon}.pid").unlink(missing_ok=True)
-        if had_conf:
-            shutil.copy2(backup, SLURM_CONF)
-        else:
-            SLURM_CONF.unlink(missing_ok=True)
+    with _replaced_files(files, state_dir):
+        try:
+            munge_pid = _start_munge()
+            if munge_pid is not None:
+                started.append(munge_pid)
+            for daemon in ("slurmctld", "slurmd"):
+                _run([daemon], timeout=30)  # both fork into the background once their pid file is due
+                started.append(_read_pid(state_dir / "run" / f"{daemon}.pid"))
+            _wait_idle(cluster, timeout)
+            yield cluster
+        finally:
+            for pid in reversed(started):
+                _stop_pid(pid)
+            for daemon in ("slurmctld", "slurmd"):
+                (state_dir / "run" / f"{daemon}.pid").unlink(missing_ok=True)
