@@ -2,10 +2,11 @@
 
 Importing the core also installs a one-shot import hook for MONAI: MONAI imports every network at
 start-up, TransCheX among them, and TransCheX imports Hugging Face ``transformers`` (and through it
-botocore), which costs 5-15 s in every process. segadapt never uses TransCheX, and a pipeline run
-starts ~100 processes, so ``transformers`` is hidden while MONAI itself is imported (TransCheX then
-fails lazily, only if someone calls it). PEFT, imported later, gets the real ``transformers``. Set
-``SEGADAPT_MONAI_FULL_IMPORT=1`` to import MONAI unchanged.
+botocore), which costs 5-15 s in every process; its Jupyter helpers import matplotlib's pyplot
+(~1 s). segadapt uses neither, and a pipeline run starts ~100 processes, so those modules are hidden
+while MONAI itself is imported (the MONAI parts that need them then fail lazily, only if called).
+PEFT and the plots stage, imported later, get the real modules. Set ``SEGADAPT_MONAI_FULL_IMPORT=1``
+to import MONAI unchanged.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from types import ModuleType
 from typing import Any
 
 
+_HIDDEN = ("transformers", "matplotlib.pyplot")
+
+
 class _MonaiLoader(importlib.abc.Loader):
     def __init__(self, inner: Any) -> None:
         self.inner = inner
@@ -26,14 +30,15 @@ class _MonaiLoader(importlib.abc.Loader):
         return self.inner.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
-        hide = "transformers" not in sys.modules
-        if hide:
-            sys.modules["transformers"] = None  # type: ignore[assignment]  # import raises ImportError
+        hidden = [name for name in _HIDDEN if name not in sys.modules]
+        for name in hidden:
+            sys.modules[name] = None  # type: ignore[assignment]  # importing it raises ImportError
         try:
             self.inner.exec_module(module)
         finally:
-            if hide and "transformers" in sys.modules and sys.modules["transformers"] is None:
-                del sys.modules["transformers"]
+            for name in hidden:
+                if name in sys.modules and sys.modules[name] is None:
+                    del sys.modules[name]
 
 
 class _MonaiFinder(importlib.abc.MetaPathFinder):

@@ -12,13 +12,6 @@ rule query_round:
         model=get_previous_round_model,
     output:
         f"{ACTIVE}/{{query}}/seed{{seed}}/round{{round}}/query.parquet",
-    params:
-        code=code_hash("query_round"),
-        task=TARGET,
-        data=input_dir("manifest"),
-        labelled=get_labelled_arg,
-        model=get_round_model_arg,
-        settings=get_query_settings,
     log:
         "logs/query_round/{query}/seed{seed}/round{round}.log",
     benchmark:
@@ -29,6 +22,13 @@ rule query_round:
         mem_mb=4000,
         runtime=60,
         gpu=gpu_resource(),
+    params:
+        code=code_hash("query_round"),
+        task=TARGET,
+        data=input_dir("manifest"),
+        labelled=get_labelled_arg,
+        model=get_round_model_arg,
+        settings=get_query_settings,
     shell:
         "python -m stages.query_round --data {params.data:q} --task {params.task} --ssl-scores {input.ssl:q}"
         " --features {input.features:q} --round {wildcards.round} {params.labelled} {params.model}"
@@ -43,6 +43,16 @@ rule annotate_round:
     output:
         labelled=f"{ACTIVE}/{{query}}/seed{{seed}}/round{{round}}/labelled/labelled.parquet",
         manifest=f"{ACTIVE}/{{query}}/seed{{seed}}/round{{round}}/labelled/manifest.parquet",
+    log:
+        "logs/annotate/{query}/seed{seed}/round{round}.log",
+    benchmark:
+        "benchmarks/annotate/{query}/seed{seed}/round{round}.tsv"
+    localrule: True
+    conda:
+        "../../envs/segadapt.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=10,
     params:
         code=code_hash("annotate"),
         data=input_dir("manifest"),
@@ -50,16 +60,6 @@ rule annotate_round:
         inbox=get_inbox_arg,
         out=output_dir("labelled"),
         settings=settings({"mode": config["assft"]["annotation"]}),
-    log:
-        "logs/annotate/{query}/seed{seed}/round{round}.log",
-    benchmark:
-        "benchmarks/annotate/{query}/seed{seed}/round{round}.tsv"
-    conda:
-        "../../envs/segadapt.yaml"
-    localrule: True
-    resources:
-        mem_mb=2000,
-        runtime=10,
     shell:
         "python -m stages.annotate --query {input.query:q} --data {params.data:q} {params.previous}"
         " {params.inbox} --out {params.out:q} --settings {params.settings:q} > {log} 2>&1"
@@ -73,14 +73,6 @@ rule train_round:
         model=f"{ACTIVE}/{{query}}/seed{{seed}}/round{{round}}/model_l/model.safetensors",
         spec=f"{ACTIVE}/{{query}}/seed{{seed}}/round{{round}}/model_l/model.json",
         log_table=f"{ACTIVE}/{{query}}/seed{{seed}}/round{{round}}/model_l/train_log.parquet",
-    params:
-        code=code_hash("train"),
-        task=TARGET,
-        init=input_dir("init"),
-        data=input_dir("manifest"),
-        out=output_dir("model"),
-        work=f"{RESULTS}/work/active/{{query}}/seed{{seed}}/round{{round}}",
-        settings=train_settings(),
     log:
         "logs/train_round/{query}/seed{seed}/round{round}.log",
     benchmark:
@@ -92,6 +84,14 @@ rule train_round:
         mem_mb=8000,
         runtime=240,
         gpu=gpu_resource(),
+    params:
+        code=code_hash("train"),
+        task=TARGET,
+        init=input_dir("init"),
+        data=input_dir("manifest"),
+        out=output_dir("model"),
+        work=f"{RESULTS}/work/active/{{query}}/seed{{seed}}/round{{round}}",
+        settings=train_settings(),
     shell:
         "python -m stages.train --recipe finetune --init {params.init:q} --data {params.data:q}"
         " --task {params.task} --out {params.out:q} --work {params.work:q}"
@@ -106,13 +106,6 @@ rule select_pseudo_labels:
         features=f"{RESULTS}/scores/{TARGET}/features.parquet",
     output:
         table=f"{ACTIVE}/{{query}}/seed{{seed}}/round{{round}}/pseudo_{{semi}}/pseudo.parquet",
-    params:
-        code=code_hash("select_pseudo"),
-        task=TARGET,
-        model=input_dir("model"),
-        data=input_dir("manifest"),
-        out=output_dir("table"),
-        settings=get_pseudo_settings,
     log:
         "logs/select_pseudo/{query}/seed{seed}/round{round}_{semi}.log",
     benchmark:
@@ -123,6 +116,13 @@ rule select_pseudo_labels:
         mem_mb=4000,
         runtime=60,
         gpu=gpu_resource(),
+    params:
+        code=code_hash("select_pseudo"),
+        task=TARGET,
+        model=input_dir("model"),
+        data=input_dir("manifest"),
+        out=output_dir("table"),
+        settings=get_pseudo_settings,
     shell:
         "python -m stages.select_pseudo --model {params.model:q} --task {params.task} --data {params.data:q}"
         " --labelled {input.labelled:q} --features {input.features:q} --out {params.out:q}"
@@ -138,15 +138,6 @@ rule train_semisupervised:
         model=f"{ACTIVE}/{{query}}/seed{{seed}}/round{{round}}/model_{{semi}}/model.safetensors",
         spec=f"{ACTIVE}/{{query}}/seed{{seed}}/round{{round}}/model_{{semi}}/model.json",
         log_table=f"{ACTIVE}/{{query}}/seed{{seed}}/round{{round}}/model_{{semi}}/train_log.parquet",
-    params:
-        code=code_hash("train"),
-        task=TARGET,
-        init=input_dir("init"),
-        data=input_dir("manifest"),
-        pseudo=input_dir("pseudo"),
-        out=output_dir("model"),
-        work=f"{RESULTS}/work/active/{{query}}/seed{{seed}}/round{{round}}_{{semi}}",
-        settings=semi_settings(),
     log:
         "logs/train_semisupervised/{query}/seed{seed}/round{round}_{semi}.log",
     benchmark:
@@ -158,6 +149,15 @@ rule train_semisupervised:
         mem_mb=8000,
         runtime=240,
         gpu=gpu_resource(),
+    params:
+        code=code_hash("train"),
+        task=TARGET,
+        init=input_dir("init"),
+        data=input_dir("manifest"),
+        pseudo=input_dir("pseudo"),
+        out=output_dir("model"),
+        work=f"{RESULTS}/work/active/{{query}}/seed{{seed}}/round{{round}}_{{semi}}",
+        settings=semi_settings(),
     shell:
         "python -m stages.train --recipe semisupervised --init {params.init:q} --data {params.data:q}"
         " --pseudo {params.pseudo:q} --task {params.task} --out {params.out:q} --work {params.work:q}"
@@ -173,14 +173,6 @@ rule evaluate_active_model:
         predictions=directory(
             f"{ACTIVE}/{{query}}/seed{{seed}}/round{{round}}/eval_{{kind}}/predictions"
         ),
-    params:
-        code=code_hash("evaluate"),
-        task=TARGET,
-        model=input_dir("model"),
-        data=input_dir("manifest"),
-        out=output_dir("metrics"),
-        step=get_active_eval_step,
-        settings=get_active_eval_settings,
     log:
         "logs/evaluate_active/{query}/seed{seed}/round{round}_{kind}.log",
     benchmark:
@@ -191,6 +183,14 @@ rule evaluate_active_model:
         mem_mb=4000,
         runtime=60,
         gpu=gpu_resource(),
+    params:
+        code=code_hash("evaluate"),
+        task=TARGET,
+        model=input_dir("model"),
+        data=input_dir("manifest"),
+        out=output_dir("metrics"),
+        step=get_active_eval_step,
+        settings=get_active_eval_settings,
     shell:
         "python -m stages.evaluate --model {params.model:q} --task {params.task} --data {params.data:q}"
         " --out {params.out:q} --method assft_{wildcards.query} --step {params.step}"

@@ -237,17 +237,27 @@ def active_dir(wildcards):
 
 def active_start_model():
     """The model every ASSFT round fine-tunes from (M0, or MedSeqFT's M_n)."""
-    return model_dir("medseqft", ORDER[-1]) if ASSFT["start"] == "medseqft" else FOUNDATION
+    return (
+        model_dir("medseqft", ORDER[-1]) if ASSFT["start"] == "medseqft" else FOUNDATION
+    )
 
 
 def get_previous_labelled(wildcards):
     r = int(wildcards.round)
-    return [] if r == 0 else [f"{active_dir(wildcards)}/round{r - 1}/labelled/labelled.parquet"]
+    return (
+        []
+        if r == 0
+        else [f"{active_dir(wildcards)}/round{r - 1}/labelled/labelled.parquet"]
+    )
 
 
 def get_previous_round_model(wildcards):
     r = int(wildcards.round)
-    return [] if r == 0 else [f"{active_dir(wildcards)}/round{r - 1}/model_l/model.safetensors"]
+    return (
+        []
+        if r == 0
+        else [f"{active_dir(wildcards)}/round{r - 1}/model_l/model.safetensors"]
+    )
 
 
 def get_labelled_arg(wildcards, input):
@@ -307,7 +317,9 @@ def semi_settings():
 
 def get_active_eval_step(wildcards):
     kind = wildcards.kind
-    return f"round{wildcards.round}" + ("" if kind == "model_l" else f"+{kind[len('model_'):]}")
+    return f"round{wildcards.round}" + (
+        "" if kind == "model_l" else f"+{kind[len('model_'):]}"
+    )
 
 
 def get_active_eval_settings(wildcards):
