@@ -35,7 +35,8 @@ def test_every_rule_has_log_benchmark_code_hash_and_calls_a_stage() -> None:
     rules = re.split(r"\n\s*rule (\w+):", text)[1:]
     assert len(rules) >= 10
     for name, body in zip(rules[::2], rules[1::2]):
-        for directive in ("log:", "benchmark:", "code=code_hash(", "python -m stages."):
+        # memory_mb(...) doubles the request on each retry (--retries), so an OOM-killed job can succeed
+        for directive in ("log:", "benchmark:", "code=code_hash(", "python -m stages.", "mem_mb=memory_mb("):
             assert directive in body, f"rule {name} lacks {directive}"
 
 

@@ -19,7 +19,7 @@ rule query_round:
     conda:
         "../../envs/segadapt.yaml"
     resources:
-        mem_mb=4000,
+        mem_mb=memory_mb(4000),
         runtime=60,
         gpu=gpu_resource(),
     params:
@@ -51,7 +51,7 @@ rule annotate_round:
     conda:
         "../../envs/segadapt.yaml"
     resources:
-        mem_mb=2000,
+        mem_mb=memory_mb(2000),
         runtime=10,
     params:
         code=code_hash("annotate"),
@@ -81,7 +81,7 @@ rule train_round:
         "../../envs/segadapt.yaml"
     threads: 2
     resources:
-        mem_mb=8000,
+        mem_mb=memory_mb(8000),
         runtime=240,
         gpu=gpu_resource(),
     params:
@@ -113,7 +113,7 @@ rule select_pseudo_labels:
     conda:
         "../../envs/segadapt.yaml"
     resources:
-        mem_mb=4000,
+        mem_mb=memory_mb(4000),
         runtime=60,
         gpu=gpu_resource(),
     params:
@@ -146,7 +146,7 @@ rule train_semisupervised:
         "../../envs/segadapt.yaml"
     threads: 2
     resources:
-        mem_mb=8000,
+        mem_mb=memory_mb(8000),
         runtime=240,
         gpu=gpu_resource(),
     params:
@@ -180,7 +180,7 @@ rule evaluate_active_model:
     conda:
         "../../envs/segadapt.yaml"
     resources:
-        mem_mb=4000,
+        mem_mb=memory_mb(4000),
         runtime=60,
         gpu=gpu_resource(),
     params:

@@ -14,7 +14,7 @@ rule select_buffer:
     conda:
         "../../envs/segadapt.yaml"
     resources:
-        mem_mb=1000,
+        mem_mb=memory_mb(1000),
         runtime=5,
     params:
         code=code_hash("select_buffer"),

@@ -438,6 +438,15 @@ def evaluate_settings():
     )
 
 
+def memory_mb(base):
+    """A resources function: ``base`` MB on the first attempt, doubling on each retry (--retries)."""
+
+    def get(wildcards, attempt):
+        return base * 2 ** (attempt - 1)
+
+    return get
+
+
 def gpu_resource():
     return 1 if config["device"] == "cuda" else 0
 

@@ -16,7 +16,7 @@ rule evaluate_model:
     conda:
         "../../envs/segadapt.yaml"
     resources:
-        mem_mb=4000,
+        mem_mb=memory_mb(4000),
         runtime=60,
         gpu=gpu_resource(),
     params:

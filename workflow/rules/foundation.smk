@@ -21,7 +21,7 @@ if config["foundation"]["checkpoint"]:
         conda:
             "../../envs/segadapt.yaml"
         resources:
-            mem_mb=4000,
+            mem_mb=memory_mb(4000),
             runtime=30,
         params:
             code=code_hash("import_checkpoint"),
@@ -50,7 +50,7 @@ else:
             "../../envs/segadapt.yaml"
         threads: 2
         resources:
-            mem_mb=8000,
+            mem_mb=memory_mb(8000),
             runtime=240,
             gpu=gpu_resource(),
         params:

@@ -14,7 +14,7 @@ rule preprocess_task:
     conda:
         "../../envs/segadapt.yaml"
     resources:
-        mem_mb=4000,
+        mem_mb=memory_mb(4000),
         runtime=30,
     params:
         code=code_hash("preprocess"),
@@ -39,7 +39,7 @@ rule preprocess_pool:
     conda:
         "../../envs/segadapt.yaml"
     resources:
-        mem_mb=4000,
+        mem_mb=memory_mb(4000),
         runtime=30,
     params:
         code=code_hash("preprocess"),

@@ -31,7 +31,7 @@ rule aggregate_metrics:
     conda:
         "../../envs/segadapt.yaml"
     resources:
-        mem_mb=2000,
+        mem_mb=memory_mb(2000),
         runtime=10,
     params:
         code=code_hash("aggregate"),
@@ -90,7 +90,7 @@ rule plot_summary:
     conda:
         "../../envs/segadapt.yaml"
     resources:
-        mem_mb=2000,
+        mem_mb=memory_mb(2000),
         runtime=10,
     params:
         code=code_hash("plots"),

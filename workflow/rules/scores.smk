@@ -14,7 +14,7 @@ rule extract_features:
     conda:
         "../../envs/segadapt.yaml"
     resources:
-        mem_mb=4000,
+        mem_mb=memory_mb(4000),
         runtime=30,
         gpu=gpu_resource(),
     params:
@@ -46,7 +46,7 @@ rule score_ssl:
         "../../envs/segadapt.yaml"
     threads: 2
     resources:
-        mem_mb=4000,
+        mem_mb=memory_mb(4000),
         runtime=60,
         gpu=gpu_resource(),
     params:

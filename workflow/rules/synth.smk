@@ -18,7 +18,7 @@ if config["demo"]["enabled"]:
         conda:
             "../../envs/segadapt.yaml"
         resources:
-            mem_mb=2000,
+            mem_mb=memory_mb(2000),
             runtime=10,
         params:
             code=code_hash("synth"),

@@ -21,7 +21,7 @@ rule train_full_ft:
         "../../envs/segadapt.yaml"
     threads: 2
     resources:
-        mem_mb=8000,
+        mem_mb=memory_mb(8000),
         runtime=240,
         gpu=gpu_resource(),
     params:
@@ -55,7 +55,7 @@ rule train_teacher:
         "../../envs/segadapt.yaml"
     threads: 2
     resources:
-        mem_mb=8000,
+        mem_mb=memory_mb(8000),
         runtime=240,
         gpu=gpu_resource(),
     params:
@@ -93,7 +93,7 @@ rule train_retention:
         "../../envs/segadapt.yaml"
     threads: 2
     resources:
-        mem_mb=8000,
+        mem_mb=memory_mb(8000),
         runtime=240,
         gpu=gpu_resource(),
     params:
@@ -132,7 +132,7 @@ rule train_retention_full:
         "../../envs/segadapt.yaml"
     threads: 2
     resources:
-        mem_mb=8000,
+        mem_mb=memory_mb(8000),
         runtime=240,
         gpu=gpu_resource(),
     params:
@@ -166,7 +166,7 @@ rule merge_adapter:
     conda:
         "../../envs/segadapt.yaml"
     resources:
-        mem_mb=4000,
+        mem_mb=memory_mb(4000),
         runtime=10,
     params:
         code=code_hash("merge"),
@@ -195,7 +195,7 @@ rule train_multitask:
         "../../envs/segadapt.yaml"
     threads: 2
     resources:
-        mem_mb=8000,
+        mem_mb=memory_mb(8000),
         runtime=480,
         gpu=gpu_resource(),
     params:
