@@ -270,6 +270,43 @@ def paired_comparisons(cases: pd.DataFrame, settings: SummarySettings) -> pd.Dat
     return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
 
 
+ACTIVE_REFERENCE = "assft_dkd_asd"
+
+
+def active_paired_comparisons(cases: pd.DataFrame, settings: SummarySettings) -> pd.DataFrame:
+    """ASSFT against its baselines on the same test cases after the last query round (methods.md §2).
+
+    The reference is ASSFT's final model: the DKD+ASD chain after the last round with selective
+    semi-supervision (``round<R>+selective``; without it, ``round<R>``). It is compared with every other
+    strategy's last-round model (random and the other query baselines; a strategy run under several
+    seeds is first averaged over its seeds per case, as in :func:`case_table`) and with its own
+    semi-supervision baselines (``+all``, none = ``round<R>``). Rows name ``method@step``.
+    """
+    active = cases[cases["method"].str.startswith("assft_") & cases["metric"].isin(PAIRED_METRICS)]
+    rounds = active["step"].str.extract(r"^round(\d+)", expand=False).dropna().astype(int)
+    if rounds.empty:
+        return pd.DataFrame(columns=PAIRED_COLUMNS)
+    last = f"round{rounds.max()}"
+    mine = active[active["method"] == ACTIVE_REFERENCE]
+    ref_step = f"{last}+selective" if (mine["step"] == f"{last}+selective").any() else last
+    ref = mine[mine["step"] == ref_step]
+    others = active[(active["step"] == last) | ((active["method"] == ACTIVE_REFERENCE) & active["step"].str.startswith(f"{last}+"))]
+    others = others[~((others["method"] == ACTIVE_REFERENCE) & (others["step"] == ref_step))]
+    reference = f"{ACTIVE_REFERENCE}@{ref_step}"
+    rows = []
+    for (method, step, task, metric), other in others.groupby(["method", "step", "task", "metric"], sort=True):
+        pair = ref[(ref["task"] == task) & (ref["metric"] == metric)].merge(other, on="case", suffixes=("_ref", "_other"))
+        if pair.empty:
+            continue
+        diffs = (pair["value_ref"] - pair["value_other"]).to_numpy()
+        name = f"{method}@{step}"
+        low, high = bootstrap_mean_ci(diffs, settings.n_boot, settings.ci, _stream(settings.seed, reference, name, task, metric))
+        rows.append({"reference": reference, "method": name, "task": task, "step": step, "metric": metric,
+                     "cases": int(len(pair)), "mean_diff": float(diffs.mean()), "ci_low": low, "ci_high": high,
+                     "ci": float(settings.ci), "n_boot": int(settings.n_boot), "seed": int(settings.seed)})
+    return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
+
+
 def active_rounds(metrics: pd.DataFrame, labels_per_round: int) -> pd.DataFrame:
     """Rows ``strategy, round, labels, seed, dice`` of the ASSFT chains' round models.
 
@@ -532,7 +569,7 @@ def run(metrics: Sequence[Path], out: Path, settings: Mapping[str, Any], train_l
     summary = summary_table(table)
     forgetting = sequential_matrix(cases, conf.order)
     bwt = backward_transfer(forgetting)
-    paired = paired_comparisons(cases, conf)
+    paired = pd.concat([paired_comparisons(cases, conf), active_paired_comparisons(cases, conf)], ignore_index=True)
     rounds = [r for r in [*rounds, active_rounds(table, conf.labels_per_round)] if not r.empty]
     budget_curve = budget_table(pd.concat(rounds, ignore_index=True) if rounds else pd.DataFrame(
         columns=BUDGET_COLUMNS))

@@ -236,3 +236,24 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path: Path) -> None
     with pytest.raises(InputError, match="unknown keys"):
         aggregate.run(paths, tmp_path / "out", {"n_bootstrap": 10})
     assert not (tmp_path / "out").exists()
+
+
+def test_assft_is_compared_with_its_baselines_after_the_last_round() -> None:
+    """ASSFT's final model (last round + selective) minus each baseline, random averaged over its seeds."""
+    from stages.aggregate import SummarySettings, active_paired_comparisons, case_table
+
+    rows = []
+    models = [("assft_dkd_asd", "round1+selective", 0.8), ("assft_dkd_asd", "round1", 0.7),
+              ("assft_dkd_asd", "round1+all", 0.75), ("assft_random", "round1", 0.6),
+              ("assft_random", "round0", 0.5), ("assft_dkd_asd", "round0", 0.55)]
+    for method, step, base in models:
+        for seed in ([0, 1] if method == "assft_random" else [0]):
+            for c in range(4):
+                rows.append({"method": method, "step": step, "task": "unseen", "case": f"c{c}", "class": 1,
+                             "metric": "dice", "value": base + 0.01 * c + 0.02 * seed, "flag": "", "seed": seed})
+    out = active_paired_comparisons(case_table(pd.DataFrame(rows)), SummarySettings(n_boot=200)).set_index("method")
+    assert set(out["reference"]) == {"assft_dkd_asd@round1+selective"}
+    assert sorted(out.index) == ["assft_dkd_asd@round1", "assft_dkd_asd@round1+all", "assft_random@round1"]
+    assert out.loc["assft_random@round1", "mean_diff"] == pytest.approx(0.19)  # 0.8 - mean(0.60, 0.62)
+    assert out.loc["assft_dkd_asd@round1", "mean_diff"] == pytest.approx(0.10)
+    assert (out["cases"] == 4).all()
