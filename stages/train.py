@@ -191,7 +191,7 @@ def recipe_retention(job: Job) -> Plan:
         patterns = lora.get("targets")
         net = add_lora(model, rank=lora.get("rank", 4), alpha=lora.get("alpha", 4),
                        targets=lora_targets(model, include=patterns) if patterns else None,
-                       dropout=lora.get("dropout", 0.0), train_heads=[task])
+                       dropout=lora.get("dropout", 0.0), train_heads=[task], seed=int(s.get("seed", 0)))
         params = [p for p in net.parameters() if p.requires_grad]
         frozen = None
     else:

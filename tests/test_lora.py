@@ -154,3 +154,21 @@ def test_bad_arguments(tmp_path) -> None:
 
     with pytest.raises(InputError, match="adapter_config.json"):
         load_adapter(_unet(), tmp_path)
+
+
+def test_lora_initialisation_is_seeded() -> None:
+    """PEFT draws LoRA A from torch's global generator: add_lora seeds it, so reruns train identically."""
+    import torch
+
+    from stages.core.lora import add_lora
+    from stages.core.nets import FoundationNet
+
+    def adapters(seed: int, noise: int) -> dict[str, torch.Tensor]:
+        torch.rand(noise)  # whatever happened to the global generator before must not matter
+        model = FoundationNet("basicunet", 1, {"features": [4, 4, 8, 8, 16, 4]}, seed=0)
+        model.add_head("t", 2)
+        return {k: v for k, v in add_lora(model, seed=seed).state_dict().items() if "lora_A" in k}
+
+    a, b, c = adapters(0, 1), adapters(0, 7), adapters(1, 1)
+    assert a and all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from stages.core.errors import InputError
@@ -76,6 +77,7 @@ def add_lora(
     targets: Sequence[str] | None = None,
     dropout: float = 0.0,
     train_heads: Sequence[str] | None = None,
+    seed: int = 0,
 ) -> Any:
     """Wrap ``model`` in a PEFT LoRA model: adapters trainable, task heads trainable, the rest frozen.
 
@@ -89,6 +91,8 @@ def add_lora(
         targets: module names (default :func:`lora_targets`).
         dropout: LoRA dropout.
         train_heads: tasks whose ``seg_heads`` are trained; None means every head present, ``()`` none.
+        seed: seeds PEFT's initialisation of the LoRA A matrices (it draws from torch's global
+            generator, which is left as it was).
 
     Returns:
         the ``peft.PeftModel``; ``.segment``, ``.encode`` ... reach the wrapped network.
@@ -116,7 +120,9 @@ def add_lora(
         modules_to_save=[f"seg_heads.{task}" for task in heads] or None,
         bias="none",
     )
-    return get_peft_model(model, config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, config)
 
 
 def count_trainable(model: nn.Module) -> tuple[int, int]:
