@@ -49,6 +49,7 @@ from stages.core.geometry import (
 )
 from stages.core.io import make_provenance, save_npy, sha256_file, write_parquet
 from stages.core.msd import Dataset, ValidatedCase, dataset_labels, read_dataset, validate_dataset
+from stages.core.split import split_cases
 
 __all__ = ["DEFAULT_SETTINGS", "MANIFEST_SCHEMA", "resolve_settings", "split_cases", "run", "main"]
 
@@ -149,34 +150,6 @@ def resolve_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
         if stats["std"] <= 0 or stats["p005"] > stats["p995"]:
             raise InputError("settings.ct_stats", f"needs std > 0 and p005 <= p995, got {dict(stats)}")
     return out
-
-
-def split_cases(case_ids: Sequence[str], seed: int, val: float, test: float) -> dict[str, str]:
-    """Assign each case to ``train`` / ``val`` / ``test``, reproducibly from the seed.
-
-    The sorted ids are shuffled with ``numpy.random.Generator(PCG64(seed))``; the first
-    ``round(test * n)`` go to test, the next ``round(val * n)`` to val, the rest to train (rounding
-    half up; val, then test, shrink so that at least one training case remains).
-
-    Args:
-        case_ids: the case ids.
-        seed: the split seed.
-        val: fraction of validation cases.
-        test: fraction of test cases.
-    """
-    ids = sorted(case_ids)
-    n = len(ids)
-    n_test = int(math.floor(test * n + 0.5))
-    n_val = int(math.floor(val * n + 0.5))
-    excess = max(0, n_test + n_val - (n - 1))
-    shrink_val = min(n_val, excess)
-    n_val -= shrink_val
-    n_test -= min(n_test, excess - shrink_val)
-    order = np.random.default_rng(seed).permutation(n)
-    split: dict[str, str] = {}
-    for rank, index in enumerate(order):
-        split[ids[int(index)]] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
-    return split
 
 
 # -------------------------------------------------------------------------------------------- helpers

@@ -302,10 +302,9 @@ MORE_DATASET_REFUSALS = {
                             "'./imagesTr/bad.nii.gz'"),
     "entry_without_label": ({}, lambda r: _set_entry(r, 1, None),
                             "dataset.json: training[1] has an image but no 'label'"),
-    # names the entry, not the file: see docs/bad_inputs.md
     "entry_not_nifti": ({}, lambda r: _set_entry(r, 1, {"image": "./imagesTr/bad.png",
                                                          "label": "./labelsTr/bad.nii.gz"}),
-                        "training[1].image: expected a path to a .nii.gz file, got './imagesTr/bad.png'"),
+                        "dataset.json: training[1].image: expected a path to a .nii.gz file, got './imagesTr/bad.png'"),
     "singular_affine": ({}, lambda r: _singular_affine_image(r / "imagesTr" / "bad.nii.gz"),
                         "imagesTr/bad.nii.gz: has a singular or non-finite affine [[1.0, 0.0, 0.0, 0.0], "
                         "[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]]"),
@@ -371,9 +370,6 @@ def test_bad_dataset_stops_snakemake_in_preprocessing_before_any_training(tmp_pa
     assert not (work / "results" / "foundation").exists() and not (work / "results" / "data").exists()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="gap: M0's pre-training does not wait for the task datasets' validation, so with more "
-                          "than 2 cores it starts beside a failing preprocess_task and the run ends only after it")
 def test_pretraining_waits_for_every_dataset_to_be_validated(tmp_path: Path) -> None:
     """What M0 needs, in a dry run: the order of the DAG, whatever the number of cores."""
     work = kr.make_workdir(tmp_path / "w", yaml.safe_load((REPO / "tests" / "configs" / "tiny.yaml").read_text()))
@@ -413,25 +409,49 @@ def _budget_beyond_pool() -> dict[str, object]:
     return config
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                   reason="gap: budget x rounds beyond the target's training cases is not checked up front; "
-                          "query_round refuses it only after M0's pre-training and the earlier rounds' training")
 def test_assft_budget_beyond_the_pool_is_refused_by_the_config() -> None:
-    with pytest.raises(InputError, match="assft"):
+    with pytest.raises(InputError) as err:
         validate_config(_budget_beyond_pool())
+    assert err.value.where == "config: assft.budget"
+    assert err.value.problem == ("2 rounds x 3 labels = 6 cases, but the target task 'unseen' has 3 training cases "
+                                 "(5 in demo.cases_per_task, split val 0.2 / test 0.2): lower assft.budget or "
+                                 "assft.rounds")
 
 
-def test_assft_budget_beyond_the_pool_is_caught_only_by_a_later_query_round(tmp_path: Path) -> None:
-    """Today's behaviour: the DAG plans M0's pre-training and round 0's training before the failing query."""
+def test_assft_budget_that_fits_exactly_is_accepted() -> None:
+    config = _budget_beyond_pool()
+    config["assft"].update(budget=1, rounds=3)  # 3 labels of 3 training cases
+    validate_config(config)
+
+
+def test_assft_budget_is_counted_from_a_real_dataset(tmp_path: Path) -> None:
+    """Outside the demo the target's cases are counted from its dataset.json (not opened)."""
+    from test_msd import make_case, write_json
+
+    for i in range(5):
+        make_case(tmp_path / "t", f"c{i}")
+    write_json(tmp_path / "t", [f"c{i}" for i in range(5)])
+    config = _budget_beyond_pool()
+    config["tasks"] = [*config["tasks"], {"name": "real", "dataset": str(tmp_path / "t")}]
+    config["unseen"] = ["real"]
+    config["assft"]["target"] = "real"
+    with pytest.raises(InputError) as err:
+        validate_config(config)
+    assert err.value.where == "config: assft.budget"
+    assert f"has 3 training cases (5 in {tmp_path / 't'}," in err.value.problem
+    config["assft"].update(budget=1)
+    validate_config(config)
+
+
+def test_assft_budget_beyond_the_pool_stops_snakemake_before_any_job(tmp_path: Path) -> None:
+    """The workflow refuses the config up front; the query round keeps its own check as a second line."""
     from stages.query_round import run as query_round
 
-    config = _budget_beyond_pool()
-    validate_config(config)  # accepted
-    work = kr.make_workdir(tmp_path / "w", config)
-    plan = subprocess.run(kr.snakemake_cmd(work, "-n", "results/active/unseen/dkd_asd/seed0/round1/query.parquet"),
-                          capture_output=True, text=True, timeout=300)
-    _ok(plan, "the dry run")
-    assert "rule pretrain_foundation" in plan.stdout and "rule train_round" in plan.stdout
+    work = kr.make_workdir(tmp_path / "w", _budget_beyond_pool())
+    plan = subprocess.run(kr.snakemake_cmd(work, "-n"), capture_output=True, text=True, timeout=300)
+    assert plan.returncode != 0
+    assert "segadapt: error: config: assft.budget: 2 rounds x 3 labels = 6 cases" in plan.stdout + plan.stderr
+    assert "rule pretrain_foundation" not in plan.stdout
     # round 1 finds no case left once round 0 took all three
     data = tmp_path / "data"
     manifest = pd.DataFrame({"case": ["a", "b", "c", "d", "e"], "split": ["train", "train", "train", "val", "test"]})

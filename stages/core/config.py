@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from stages.core.errors import InputError
+from stages.core.split import split_counts
 
 __all__ = ["SCHEMA_PATH", "load_config", "validate_config"]
 
@@ -106,9 +107,47 @@ def validate_config(
         raise InputError(f"{source}: assft.target", f"names no task in `tasks`: {assft['target']!r}")
     if config["methods"]["assft"]["enabled"] and assft["target"] is None and not config["unseen"]:
         raise InputError(f"{source}: assft.target", "set a target task (or list one in `unseen`) for ASSFT")
+    if config["methods"]["assft"]["enabled"] and check_paths:
+        _check_assft_budget(config, source)
     if not config["order"]:
         config["order"] = [n for n in names if n not in config["unseen"]]
     return config
+
+
+def _count_cases(dataset: str, config: Mapping[str, Any]) -> tuple[int, str]:
+    """How many labelled cases a task's dataset holds, and where that number comes from."""
+    demo = config["demo"]
+    p = Path(dataset).resolve()
+    demo_root = Path(demo["out"]).resolve()
+    if demo["enabled"] and (p == demo_root or demo_root in p.parents):
+        return int(demo["cases_per_task"]), "demo.cases_per_task"
+    from stages.core.msd import read_dataset  # nibabel only where a real dataset is counted
+
+    # read_dataset lists the image/label pairs without opening them; their problems are
+    # preprocessing's to report, with every file named
+    return len(read_dataset(Path(dataset), labelled=True).cases), f"{dataset}"
+
+
+def _check_assft_budget(config: Mapping[str, Any], source: str) -> None:
+    """Refuse ASSFT rounds x budget beyond the target's training split before any job starts.
+
+    Otherwise the shortfall shows only in a late query round, after M0's pre-training and the
+    earlier rounds' fine-tuning (methods.md §2: every round labels ``budget`` new training cases).
+    """
+    assft = config["assft"]
+    target = assft["target"] or config["unseen"][0]
+    dataset = next(t["dataset"] for t in config["tasks"] if t["name"] == target)
+    n, origin = _count_cases(dataset, config)
+    split = config["preprocess"]["split"]
+    n_train = split_counts(n, split["val"], split["test"])[0]
+    wanted = assft["rounds"] * assft["budget"]
+    if wanted > n_train:
+        raise InputError(
+            f"{source}: assft.budget",
+            f"{assft['rounds']} rounds x {assft['budget']} labels = {wanted} cases, but the target task "
+            f"{target!r} has {n_train} training cases ({n} in {origin}, split val {split['val']} / test "
+            f"{split['test']}): lower assft.budget or assft.rounds",
+        )
 
 
 def load_config(path: str | Path, check_paths: bool = True) -> dict[str, Any]:

@@ -169,8 +169,10 @@ def _parse_labels(raw: Any, where: str, problems: list[tuple[str, str]]) -> dict
 
 
 def _entry_path(root: Path, entry: Any, where: str, problems: list[tuple[str, str]]) -> Path | None:
+    # ``where`` is the entry's place in dataset.json (``training[3].image``): a malformed entry is a
+    # problem of that file, so the message names the file and the entry
     if not isinstance(entry, str) or _case_id(Path(entry)) is None:
-        problems.append((where, f"expected a path to a .nii.gz file, got {entry!r}"))
+        problems.append((str(root / "dataset.json"), f"{where}: expected a path to a .nii.gz file, got {entry!r}"))
         return None
     path = root / entry
     if not path.is_file():

@@ -37,6 +37,7 @@ else:
     rule pretrain_foundation:
         input:
             pool=f"{RESULTS}/pool/manifest.parquet",
+            tasks_ready=ancient(f"{RESULTS}/data/ready.json"),
         output:
             model=f"{FOUNDATION}/model.safetensors",
             spec=f"{FOUNDATION}/model.json",

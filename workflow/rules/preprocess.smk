@@ -49,3 +49,26 @@ rule preprocess_pool:
     shell:
         "python -m stages.preprocess --dataset {params.dataset:q} --out {params.out:q}"
         " --settings {params.settings:q} > {log} 2>&1"
+
+
+# Every task dataset validated and preprocessed: M0's pre-training waits for this marker (as an
+# ancient input, so a task added later rewrites the marker without retraining M0).
+rule data_ready:
+    input:
+        manifests=[f"{RESULTS}/data/{t}/manifest.parquet" for t in TASKS],
+    output:
+        marker=f"{RESULTS}/data/ready.json",
+    log:
+        "logs/preprocess/data_ready.log",
+    benchmark:
+        "benchmarks/preprocess/data_ready.tsv"
+    localrule: True
+    conda:
+        "../../envs/segadapt.yaml"
+    resources:
+        mem_mb=memory_mb(1000),
+        runtime=5,
+    params:
+        code=code_hash("data_ready"),
+    shell:
+        "python -m stages.data_ready --manifests {input.manifests:q} --out {output.marker:q} > {log} 2>&1"
