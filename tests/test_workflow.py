@@ -166,6 +166,13 @@ def test_disabled_method_setting_reruns_nothing(run: Path) -> None:
     assert dry_run_outputs(run, "--configfile", alt) == []
 
 
+@pytest.mark.parametrize("engine", ["docker", "apptainer"])
+def test_switching_the_container_engine_reruns_nothing(run: Path, engine: str) -> None:
+    """The engine wraps the same commands (shell.prefix / container:), and their outputs are the same bytes."""
+    alt = _with_config(run, f"alt_{engine}.yaml", lambda c: c.update(container={"engine": engine, "image": "segadapt:cpu"}))
+    assert dry_run_outputs(run, "--configfile", alt) == []
+
+
 def test_import_checkpoint_instead_of_pretraining(run: Path, tmp_path: Path) -> None:
     """foundation.checkpoint: M0 is imported (key prefixes mapped) and scored like a pre-trained one."""
     from safetensors.torch import load_file

@@ -107,6 +107,9 @@ def validate_config(
         raise InputError(f"{source}: assft.target", f"names no task in `tasks`: {assft['target']!r}")
     if config["methods"]["assft"]["enabled"] and assft["target"] is None and not config["unseen"]:
         raise InputError(f"{source}: assft.target", "set a target task (or list one in `unseen`) for ASSFT")
+    container = config["container"]
+    if container["engine"] != "native" and not container["image"]:
+        raise InputError(f"{source}: container.image", f"engine {container['engine']!r} needs an image")
     if config["methods"]["assft"]["enabled"] and check_paths:
         _check_assft_budget(config, source)
     if not config["order"]:

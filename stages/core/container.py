@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -28,7 +29,7 @@ from typing import Any, BinaryIO
 
 from stages.core.errors import InputError, run_cli
 
-__all__ = ["container_options", "main", "parse_gpus", "parse_user", "run_in_docker"]
+__all__ = ["container_options", "main", "parse_gpus", "parse_user", "run_in_docker", "shell_prefix"]
 
 #: exit codes of `docker run` when the command cannot start (daemon error, not executable, not found)
 EXIT_DOCKER_ERROR, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND = 125, 126, 127
@@ -62,7 +63,7 @@ def container_options(
             passed as a Docker device request (needs the NVIDIA container toolkit on the host).
         env: environment variables set in the container.
         mounts: further host folders (data outside the working folder), mounted read-only at the
-            same path.
+            same path; ``PATH:rw`` mounts one writable (an annotation inbox).
         network: Docker network mode; ``"none"`` because no step needs the network.
     """
     if not argv:
@@ -77,10 +78,12 @@ def container_options(
         raise InputError("--user", f"uid and gid must be non-negative integers, got {user!r}")
     volumes: dict[str, dict[str, str]] = {folder: {"bind": folder, "mode": "rw"}}
     for extra in mounts:
-        path = _absolute(extra)
+        spec = os.fspath(extra)
+        writable = spec.endswith(":rw")
+        path = _absolute(spec[: -len(":rw")] if writable else spec)
         if not Path(path).exists():
             raise InputError(path, "folder to mount does not exist")
-        volumes.setdefault(path, {"bind": path, "mode": "ro"})
+        volumes.setdefault(path, {"bind": path, "mode": "rw" if writable else "ro"})
     options: dict[str, Any] = {
         "image": image,
         "command": [str(a) for a in argv],
@@ -200,6 +203,29 @@ def run_in_docker(
             pass  # already gone: nothing to clean
 
 
+def shell_prefix(image: str, mounts: Sequence[str] = (), gpus: bool = False) -> str:
+    """The shell text that, put before a command, runs it through this launcher in ``image``.
+
+    The workflow gives it to ``shell.prefix`` when ``container.engine`` is ``docker``, so every
+    rule's ``python -m stages.<step> ...`` runs in the image while the rules themselves (and the
+    shell text Snakemake tracks for code changes) stay the same as in a native run.
+
+    Args:
+        image: the image to run.
+        mounts: folders outside the working folder to mount (``PATH`` read-only, ``PATH:rw``).
+        gpus: pass the GPUs of the job: those in ``CUDA_VISIBLE_DEVICES`` (as Slurm sets it), else all.
+    """
+    if not image:
+        raise InputError("container.image", "no image given")
+    args = ["python", "-m", "stages.core.container", "--image", image]
+    for mount in dict.fromkeys(mounts):  # once each, in order
+        args += ["--mount", mount]
+    line = " ".join(shlex.quote(a) for a in args)
+    if gpus:
+        line += ' --gpus "${CUDA_VISIBLE_DEVICES:-all}"'
+    return f"set -euo pipefail; {line} -- "
+
+
 def parse_user(text: str) -> tuple[int, int]:
     """``"UID:GID"`` (or ``"UID"``, group = uid) as a pair of ints."""
     parts = text.split(":")
@@ -255,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--env", action="append", default=[], metavar="KEY[=VALUE]",
                         help="set a variable in the container (KEY alone passes the host's value)")
     parser.add_argument("--mount", action="append", default=[], metavar="PATH",
-                        help="also mount PATH (read-only, same path), e.g. data outside the working folder")
+                        help="also mount PATH at the same path, read-only (PATH:rw: writable), e.g. data outside the working folder")
     parser.add_argument("--network", default="none", help="Docker network mode (default: none)")
     if "--" not in args:
         if {"-h", "--help"} & set(args):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from stages.core.codehash import code_hash
 from stages.core.config import validate_config
+from stages.core.container import shell_prefix
 from stages.core.errors import InputError
 
 try:
@@ -125,6 +126,30 @@ def input_dirs(name):
         return " ".join(str(Path(f).parent) for f in as_list(getattr(input, name)))
 
     return get
+
+
+def outside_workdir(path):
+    """True if ``path`` (relative paths are inside) lies outside the working folder."""
+    p = Path(path).resolve()
+    here = Path.cwd().resolve()
+    return p != here and here not in p.parents
+
+
+def docker_mounts():
+    """Folders the steps read (or, for an inbox, write) outside the working folder."""
+    c = config["container"]
+    ckpt = config["foundation"]["checkpoint"]
+    reads = [t["dataset"] for t in config["tasks"]] + [
+        config["foundation"]["pool"],
+        ckpt and str(Path(ckpt).parent),
+        *c["mounts"],
+    ]
+    mounts = [str(Path(p).resolve()) for p in reads if p and outside_workdir(p)]
+    if ASSFT["annotation"] == "inbox" and outside_workdir(ASSFT["inbox"]):
+        mounts.append(
+            f"{Path(ASSFT['inbox']).resolve()}:rw"
+        )  # the request list is written there
+    return mounts
 
 
 # ---- input functions -------------------------------------------------------------------------------
