@@ -23,14 +23,14 @@ import matplotlib.style
 import nibabel as nib
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import BoundaryNorm, ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from stages.core.errors import InputError, run_cli
+from stages.core.figures import FIGURE_STYLE, method_colours, save_figure
 from stages.core.geometry import apply_label_map
-from stages.core.io import atomic_path, make_provenance, read_parquet, read_provenance, save_json
+from stages.core.io import make_provenance, read_parquet, read_provenance
 
 __all__ = [
     "DICE_FIGURE",
@@ -114,13 +114,6 @@ def parse_overlay(spec: str) -> Overlay:
 def overlay_name(task: str) -> str:
     """File name of a task's overlay figure."""
     return f"overlay_{task}.png"
-
-
-def method_colours(methods: Sequence[str]) -> dict[str, Any]:
-    """One fixed colour per method (sorted names, tab10 / tab20), the same in every figure."""
-    names = sorted(set(methods))
-    cmap = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"]
-    return {m: cmap(i % cmap.N) for i, m in enumerate(names)}
 
 
 def _grid(n: int, max_cols: int) -> tuple[int, int]:
@@ -326,18 +319,6 @@ def case_overlay(task: str, picks: Sequence[tuple[str, str, float]], images: Seq
     return fig
 
 
-def save_figure(fig: Figure, path: Path, dpi: int, provenance: Mapping[str, Any]) -> None:
-    """Write a PNG atomically with no software/date metadata, and its provenance sidecar ``<name>.prov.json``.
-
-    The figure is rendered by an Agg canvas attached here; pyplot is never imported, so the process's
-    global backend and figure registry stay untouched.
-    """
-    FigureCanvasAgg(fig)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi, metadata={"Software": None})
-    save_json(dict(provenance), path.with_name(path.name + ".prov.json"))
-
-
 # --------------------------------------------------------------------------------------------- stage
 
 
@@ -421,7 +402,7 @@ def run(summary: Path, out: Path, settings: Mapping[str, Any], overlays: Sequenc
         save_figure(fig, out / name, conf.dpi, make_provenance("plots", recorded, inputs=list(inputs), **extra))
         written.append(out / name)
 
-    with matplotlib.style.context("default"):  # ignore any user matplotlibrc: same pixels everywhere
+    with matplotlib.style.context(FIGURE_STYLE):  # ignore any user matplotlibrc: same pixels everywhere
         emit(dice_boxplots(cases, colours), DICE_FIGURE, [summary / "cases.parquet"])
         emit(forgetting_heatmaps(forgetting, bwt), FORGETTING_FIGURE,
              [summary / "forgetting.parquet", summary / "bwt.parquet"])

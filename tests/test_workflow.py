@@ -86,6 +86,21 @@ def test_tiny_dag_produces_metrics_for_every_method_and_task(run: Path) -> None:
     assert (run / "results" / "summary" / "summary.md").read_text().startswith("# segadapt summary")
 
 
+def test_tiny_dag_produces_the_analyses(run: Path) -> None:
+    """Drift of every method's models against M0, and a landscape per chosen method, as DAG outputs."""
+    analysis = run / "results" / "analysis"
+    blocks = pd.read_parquet(analysis / "drift" / "drift_blocks.parquet")
+    assert {"medseqft", "ablation_no_lora", "parallel_ft", "multitask_ft"} <= set(blocks["method"])
+    total = blocks[blocks["block"] == "backbone"]
+    assert (total["rel_to_m0"] > 0).all() and np.isfinite(total["rel_to_m0"]).all()
+    for method in ("medseqft", "parallel_ft"):
+        grid = pd.read_parquet(analysis / "landscape" / method / "landscape.parquet")
+        assert set(grid["kind"]) == {"1d", "2d"} and np.isfinite(grid["loss"]).all()
+        assert len(grid[grid["kind"] == "2d"]) == 9  # points: 3 per axis in tiny.yaml
+        assert (analysis / "landscape" / method / "landscape_2d.png").stat().st_size > 0
+    assert (analysis / "drift" / "drift_blocks.png").stat().st_size > 0
+
+
 def test_sequential_model_is_evaluated_on_every_earlier_task(run: Path) -> None:
     """R[i, j]: the model of step 2 is evaluated on task 1 with task 1's head (forgetting)."""
     m = pd.read_parquet(run / "results" / "eval" / "medseqft" / "paired_organs" / "metrics.parquet")
