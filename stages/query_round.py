@@ -48,7 +48,6 @@ from stages.core.active import (
     coreset_step,
     dkd_terms,
     greedy_select,
-    mc_dropout_probabilities,
     mc_dropout_scores,
     mean_entropy,
     read_case_column,
@@ -56,7 +55,7 @@ from stages.core.active import (
     scaled_rank,
 )
 from stages.core.errors import InputError, run_cli
-from stages.core.inference import predict_probabilities, resolve_device
+from stages.core.inference import mc_dropout_probabilities, predict_probabilities, resolve_device
 from stages.core.io import make_provenance, write_parquet
 from stages.core.nets import load_model, model_id, seed_from
 
@@ -134,7 +133,7 @@ class RandomSettings:
 
 @dataclass(frozen=True)
 class McDropoutSettings:
-    """Monte-Carlo dropout (ours: dropout at the head input, see ``stages.core.active.mc_dropout_probabilities``).
+    """Monte-Carlo dropout (ours: dropout at the head input, see ``stages.core.inference.mc_dropout_probabilities``).
 
     Attributes:
         passes: T stochastic passes (>= 2; MONAI Label's default simulation size is 5).

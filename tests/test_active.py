@@ -16,13 +16,13 @@ from stages.core.active import (
     dkd_terms,
     greedy_select,
     link_file,
-    mc_dropout_probabilities,
     mc_dropout_scores,
     mean_entropy,
     min_distance,
     normalised_entropy,
     scaled_rank,
 )
+from stages.core.inference import mc_dropout_probabilities
 from stages.core.nets import FoundationNet
 
 SHAPE = (9, 10, 11)

@@ -25,9 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from scipy.special import entr
-from scipy.stats import rankdata
 
 from stages.core.errors import InputError
 from stages.core.io import atomic_path
@@ -46,7 +44,6 @@ __all__ = [
     "foreground_confidence",
     "greedy_select",
     "link_file",
-    "mc_dropout_probabilities",
     "mc_dropout_scores",
     "mean_entropy",
     "min_distance",
@@ -83,6 +80,8 @@ def scaled_rank(values: np.ndarray) -> np.ndarray:
         return np.zeros(0)
     if n == 1:
         return np.ones(1)
+    from scipy.stats import rankdata  # scipy.stats costs ~0.5 s at import; only the query step ranks
+
     return (rankdata(values, method="average") - 1.0) / (n - 1.0)
 
 
@@ -296,73 +295,6 @@ def asd_score(probs: np.ndarray) -> tuple[float, bool, float]:
     if not mask.any():
         return 1.0, True, tau
     return float(normalised_entropy(probs)[mask].mean(dtype=np.float64)), False, tau
-
-
-@torch.no_grad()
-def mc_dropout_probabilities(
-    model: torch.nn.Module,
-    task: str,
-    image: np.ndarray,
-    patch_size: Sequence[int],
-    passes: int,
-    dropout: float,
-    generator: torch.Generator,
-    overlap: float = 0.5,
-    sw_batch_size: int = 4,
-    device: torch.device | str = "cpu",
-) -> np.ndarray:
-    """``passes`` Monte-Carlo dropout predictions of one volume (Gal & Ghahramani, ICML 2016).
-
-    Our networks are trained without dropout, so (ours) dropout with rate ``dropout`` is applied to the
-    decoder features at the input of the task's 1x1x1 head, with inverted scaling so that the expected
-    head input is unchanged. The backbone runs once per sliding window and only the cheap head is
-    repeated ``passes`` times, so T passes cost about one inference. The masks are drawn on the CPU
-    from ``generator``, so a seeded run is reproducible on any device.
-
-    Args:
-        model: a :class:`stages.core.nets.FoundationNet` (``decode_features`` and ``seg_heads``).
-        task: the segmentation head.
-        image: (C, X, Y, Z) preprocessed image.
-        patch_size: sliding-window size.
-        passes: T, the number of stochastic passes (>= 2).
-        dropout: the dropout rate in (0, 1).
-        generator: CPU generator for the dropout masks.
-        overlap: window overlap.
-        sw_batch_size: windows per forward pass.
-        device: where to run.
-
-    Returns float32 (T, C, X, Y, Z) softmax probabilities.
-    """
-    from monai.inferers import sliding_window_inference
-
-    if passes < 2:
-        raise ValueError(f"MC dropout needs at least 2 passes, got {passes}")
-    if not 0.0 < dropout < 1.0:
-        raise ValueError(f"dropout must be in (0, 1), got {dropout}")
-    head = model.seg_heads[task]
-    keep = 1.0 - dropout
-
-    def predictor(patch: torch.Tensor) -> torch.Tensor:
-        features = model.decode_features(patch)
-        outputs = []
-        for _ in range(passes):
-            mask = (torch.rand(features.shape, generator=generator) < keep).to(features.device, features.dtype)
-            outputs.append(head(features * mask / keep))
-        return torch.cat(outputs, dim=1)
-
-    was_training = model.training
-    model.eval()
-    try:
-        x = torch.from_numpy(np.array(image, dtype=np.float32))[None].to(device)  # a copy: memmaps are read-only
-        logits = sliding_window_inference(
-            x, roi_size=tuple(int(s) for s in patch_size), sw_batch_size=sw_batch_size, predictor=predictor,
-            overlap=overlap, mode="gaussian", padding_mode="constant", cval=0.0,
-        )
-    finally:
-        model.train(was_training)
-    c = int(head.out_channels)
-    logits = logits[0].float().reshape(passes, c, *logits.shape[2:])
-    return torch.softmax(logits, dim=1).cpu().numpy()
 
 
 def mc_dropout_scores(samples: np.ndarray) -> dict[str, float]:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
-__all__ = ["predict_cases", "predict_probabilities", "resolve_device"]
+__all__ = ["mc_dropout_probabilities", "predict_cases", "predict_probabilities", "resolve_device"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -105,3 +105,68 @@ def predict_cases(
         save_nifti(restore_prediction(probs, row), path)
         records.append({"case": row["case"], "file": path.name, "sha256": sha256_file(path)})
     return pd.DataFrame(records, columns=["case", "file", "sha256"])
+
+
+@torch.no_grad()
+def mc_dropout_probabilities(
+    model: torch.nn.Module,
+    task: str,
+    image: np.ndarray,
+    patch_size: Sequence[int],
+    passes: int,
+    dropout: float,
+    generator: torch.Generator,
+    overlap: float = 0.5,
+    sw_batch_size: int = 4,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """``passes`` Monte-Carlo dropout predictions of one volume (Gal & Ghahramani, ICML 2016).
+
+    Our networks are trained without dropout, so (ours) dropout with rate ``dropout`` is applied to the
+    decoder features at the input of the task's 1x1x1 head, with inverted scaling so that the expected
+    head input is unchanged. The backbone runs once per sliding window and only the cheap head is
+    repeated ``passes`` times, so T passes cost about one inference. The masks are drawn on the CPU
+    from ``generator``, so a seeded run is reproducible on any device.
+
+    Args:
+        model: a :class:`stages.core.nets.FoundationNet` (``decode_features`` and ``seg_heads``).
+        task: the segmentation head.
+        image: (C, X, Y, Z) preprocessed image.
+        patch_size: sliding-window size.
+        passes: T, the number of stochastic passes (>= 2).
+        dropout: the dropout rate in (0, 1).
+        generator: CPU generator for the dropout masks.
+        overlap: window overlap.
+        sw_batch_size: windows per forward pass.
+        device: where to run.
+
+    Returns float32 (T, C, X, Y, Z) softmax probabilities.
+    """
+    if passes < 2:
+        raise ValueError(f"MC dropout needs at least 2 passes, got {passes}")
+    if not 0.0 < dropout < 1.0:
+        raise ValueError(f"dropout must be in (0, 1), got {dropout}")
+    head = model.seg_heads[task]
+    keep = 1.0 - dropout
+
+    def predictor(patch: torch.Tensor) -> torch.Tensor:
+        features = model.decode_features(patch)
+        outputs = []
+        for _ in range(passes):
+            mask = (torch.rand(features.shape, generator=generator) < keep).to(features.device, features.dtype)
+            outputs.append(head(features * mask / keep))
+        return torch.cat(outputs, dim=1)
+
+    was_training = model.training
+    model.eval()
+    try:
+        x = torch.from_numpy(np.array(image, dtype=np.float32))[None].to(device)  # a copy: memmaps are read-only
+        logits = sliding_window_inference(
+            x, roi_size=tuple(int(s) for s in patch_size), sw_batch_size=sw_batch_size, predictor=predictor,
+            overlap=overlap, mode="gaussian", padding_mode="constant", cval=0.0,
+        )
+    finally:
+        model.train(was_training)
+    c = int(head.out_channels)
+    logits = logits[0].float().reshape(passes, c, *logits.shape[2:])
+    return torch.softmax(logits, dim=1).cpu().numpy()
