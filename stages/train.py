@@ -37,7 +37,7 @@ from stages.core.inference import predict_probabilities, resolve_device
 from stages.core.io import config_hash, make_provenance, read_parquet, save_json, sha256_file, write_parquet
 from stages.core.losses import kd_loss, retention_loss, segmentation_loss
 from stages.core.lora import add_lora, count_trainable, lora_targets, save_adapter
-from stages.core.nets import FoundationNet, load_model, model_id, save_model
+from stages.core.nets import FoundationNet, load_model, model_id, save_model, seed_from
 from stages.core.sampling import CaseStore, PatchSampler
 from stages.core.trainer import Trainer, TrainSettings
 
@@ -222,8 +222,12 @@ def recipe_retention(job: Job) -> Plan:
             loss = loss + kd_weight * kd
             terms["kd"] = kd.detach()
         if ret_weight > 0:
-            k = int(torch.randint(len(buffer_samplers), (1,), generator=generator))
-            bx = buffer_samplers[k].sample(generator)["image"].to(job.device)
+            # the buffer draws come from their own stream, derived from (seed, step) so that a resumed
+            # run needs no extra state: the task's patches are then the same with or without a buffer,
+            # and the buffer ablations differ from MedSeqFT by the retention term alone
+            buffer_generator = torch.Generator().manual_seed(seed_from(s.get("seed", 0), "buffer", step))
+            k = int(torch.randint(len(buffer_samplers), (1,), generator=buffer_generator))
+            bx = buffer_samplers[k].sample(buffer_generator)["image"].to(job.device)
             ret = retention_loss(n.encode(bx), frozen_features(bx))
             loss = loss + ret_weight * ret
             terms["retention"] = ret.detach()

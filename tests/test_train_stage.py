@@ -97,6 +97,20 @@ def test_retention_trains_only_lora_and_the_head_and_merges_equivalently(world: 
     assert not torch.equal(m0["backbone.conv_0.conv_0.conv.weight"], out["backbone.conv_0.conv_0.conv.weight"])
 
 
+def test_buffer_draws_leave_the_task_batches_unchanged(world: dict[str, Path], tmp_path: Path) -> None:
+    """The buffer has its own random stream: with a negligible retention weight, the run with a buffer
+    sees the very same task patches as the run without one (the buffer ablations differ by L_ret only)."""
+    train(world, tmp_path / "teacher")
+    settings = {"lora": {"rank": 4, "alpha": 4, "enabled": True}, "kd_weight": 1.0, "buffer_batch_size": 1}
+    train(world, tmp_path / "none", recipe="retention", settings=settings, teacher=tmp_path / "teacher")
+    train(world, tmp_path / "buffer", recipe="retention", settings={**settings, "retention_weight": 1e-12},
+          teacher=tmp_path / "teacher", buffers=[(world["buffer1"], world["data1"])])
+    none = pd.read_parquet(tmp_path / "none" / "train_log.parquet")
+    buffer = pd.read_parquet(tmp_path / "buffer" / "train_log.parquet")
+    assert "retention" in buffer.columns and "retention" not in none.columns
+    np.testing.assert_allclose(buffer["seg"], none["seg"], rtol=0, atol=1e-5)
+
+
 def test_sequential_step_keeps_earlier_heads(world: dict[str, Path], tmp_path: Path) -> None:
     train(world, tmp_path / "step1")
     train(world, tmp_path / "step2", init=tmp_path / "step1", task="paired_organs", data=world["data2"])
