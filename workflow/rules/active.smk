@@ -79,7 +79,7 @@ rule train_round:
         "benchmarks/train_round/{query}/seed{seed}/round{round}.tsv"
     conda:
         "../../envs/segadapt.yaml"
-    threads: 2
+    threads: 1
     resources:
         mem_mb=memory_mb(8000),
         runtime=240,
@@ -144,7 +144,7 @@ rule train_semisupervised:
         "benchmarks/train_semisupervised/{query}/seed{seed}/round{round}_{semi}.tsv"
     conda:
         "../../envs/segadapt.yaml"
-    threads: 2
+    threads: 1
     resources:
         mem_mb=memory_mb(8000),
         runtime=240,

@@ -78,7 +78,7 @@ rule loss_landscape:
         method=alternatives(landscape_methods()),
     conda:
         "../../envs/segadapt.yaml"
-    threads: 2
+    threads: 1
     resources:
         mem_mb=memory_mb(4000),
         runtime=120,

@@ -44,7 +44,7 @@ rule score_ssl:
         "benchmarks/ssl_scores/{task}.tsv"
     conda:
         "../../envs/segadapt.yaml"
-    threads: 2
+    threads: 1
     resources:
         mem_mb=memory_mb(4000),
         runtime=60,

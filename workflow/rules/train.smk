@@ -19,7 +19,7 @@ rule train_full_ft:
         method=alternatives(FULL_FT),
     conda:
         "../../envs/segadapt.yaml"
-    threads: 2
+    threads: 1
     resources:
         mem_mb=memory_mb(8000),
         runtime=240,
@@ -53,7 +53,7 @@ rule train_teacher:
         method=alternatives(list(KGRFT)),
     conda:
         "../../envs/segadapt.yaml"
-    threads: 2
+    threads: 1
     resources:
         mem_mb=memory_mb(8000),
         runtime=240,
@@ -91,7 +91,7 @@ rule train_retention:
         method=alternatives(LORA),
     conda:
         "../../envs/segadapt.yaml"
-    threads: 2
+    threads: 1
     resources:
         mem_mb=memory_mb(8000),
         runtime=240,
@@ -130,7 +130,7 @@ rule train_retention_full:
         method=alternatives([m for m, spec in KGRFT.items() if not spec["lora"]]),
     conda:
         "../../envs/segadapt.yaml"
-    threads: 2
+    threads: 1
     resources:
         mem_mb=memory_mb(8000),
         runtime=240,
@@ -193,7 +193,7 @@ rule train_multitask:
         method=alternatives(MULTITASK),
     conda:
         "../../envs/segadapt.yaml"
-    threads: 2
+    threads: 1
     resources:
         mem_mb=memory_mb(8000),
         runtime=480,
