@@ -22,12 +22,13 @@ after and ``spacing`` is the effective one, ``cropped_extent / shape``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import nibabel as nib
 import numpy as np
-from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt2axcodes, ornt_transform
 from scipy import ndimage
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "NORMALISATIONS",
     "apply_label_map",
     "canonical_spacing",
+    "class_counts",
     "ct_statistics",
     "foreground_stats",
     "median_spacing",
@@ -62,6 +64,8 @@ NORMALISATIONS = ("ct", "mr")
 _CANONICAL = axcodes2ornt(("R", "A", "S"))
 _SPACING_RTOL = 1e-5
 _EPS = 1e-8
+_COUNT_BLOCK = 1 << 22  # voxels per np.bincount call (its int64 copy: 32 MiB)
+_FILL_BY_LABELS_MAX = 1 << 22  # voxels up to which holes are filled by labelling (int32: 16 MiB)
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -87,7 +91,29 @@ def canonical_spacing(affine: np.ndarray) -> list[float]:
     Args:
         affine: 4x4 voxel-to-world affine.
     """
-    ornt = io_orientation(affine)
+    return _canonical_spacing(affine, _io_orientation(affine))
+
+
+@functools.lru_cache(maxsize=256)
+def _orientation_of(rzs: bytes) -> np.ndarray:
+    affine = np.eye(4)
+    affine[:3, :3] = np.frombuffer(rzs, dtype=np.float64).reshape(3, 3)
+    return io_orientation(affine)
+
+
+def _io_orientation(affine: np.ndarray) -> np.ndarray:
+    """``nibabel.orientations.io_orientation(affine)``, cached on the 3x3 rotation-zoom block.
+
+    It reads nothing else of the affine, costs an SVD per call, and the cases of a dataset nearly
+    always share that block (all 260 of MSD Hippocampus do).
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4):
+        return io_orientation(affine)
+    return _orientation_of(np.ascontiguousarray(affine[:3, :3]).tobytes()).copy()
+
+
+def _canonical_spacing(affine: np.ndarray, ornt: np.ndarray) -> list[float]:
     sizes = nib.affines.voxel_sizes(affine)
     out = [0.0, 0.0, 0.0]
     for axis, (target, _) in enumerate(ornt[:3]):
@@ -126,6 +152,29 @@ def nonzero_crop_box(data: np.ndarray) -> list[int]:
     return box
 
 
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``ndimage.binary_fill_holes(mask)``, the same voxels, computed the cheaper way for the volume.
+
+    A crop that is non-zero everywhere (MRI bodies filling their box, CT whose air is -1000) has no
+    holes, but scipy would still run its border dilation over the whole volume. A small volume
+    labels its background once instead (face connectivity, scipy's default structure): holes are the
+    background components that touch no face of the array, which is what scipy's dilation from the
+    border leaves unreached. Large volumes keep scipy's way, whose bool temporaries take a quarter
+    of the int32 component labels' memory.
+    """
+    if mask.all():
+        return mask
+    if mask.size > _FILL_BY_LABELS_MAX:
+        return ndimage.binary_fill_holes(mask)
+    background, count = ndimage.label(~mask)
+    outside = np.zeros(count + 1, dtype=bool)
+    for axis in range(mask.ndim):
+        outside[np.take(background, 0, axis=axis)] = True
+        outside[np.take(background, -1, axis=axis)] = True
+    outside[0] = False  # label 0 is the mask itself
+    return ~outside[background]
+
+
 def _slices(box: Sequence[int]) -> tuple[slice, slice, slice]:
     b = [int(v) for v in box]
     return slice(b[0], b[1]), slice(b[2], b[3]), slice(b[4], b[5])
@@ -159,6 +208,25 @@ def _target_shape(
     return shape, [float(e) for e in effective]
 
 
+def class_counts(seg: np.ndarray, num_classes: int) -> list[int]:
+    """Voxels per class ``0..num_classes-1`` (more if ``seg`` holds larger values), as ``np.bincount``.
+
+    Args:
+        seg: a non-negative integer label array (uint8 task classes).
+        num_classes: the least number of counts returned.
+
+    Counted in blocks: ``np.bincount`` casts its input to int64, 8 bytes a voxel of a large CT.
+    """
+    flat = np.asarray(seg).ravel(order="K")  # memory order: no copy of a Fortran-ordered array
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for start in range(0, flat.size, _COUNT_BLOCK):
+        block = np.bincount(flat[start : start + _COUNT_BLOCK], minlength=num_classes)
+        if block.size > counts.size:
+            counts = np.concatenate([counts, np.zeros(block.size - counts.size, dtype=np.int64)])
+        counts[: block.size] += block
+    return [int(v) for v in counts]
+
+
 def apply_label_map(
     data: np.ndarray, label_map: Mapping[int, int] | Mapping[str, int] | Sequence[int] | None
 ) -> np.ndarray:
@@ -171,16 +239,29 @@ def apply_label_map(
             order; ``None`` keeps the values as they are.
     """
     values = _as_3d(data)
-    values = np.rint(values).astype(np.int64) if values.dtype.kind == "f" else values.astype(np.int64, copy=False)
+    if values.dtype.kind == "f":
+        values = np.rint(values).astype(np.int64)
+    elif values.dtype.kind not in "iu":
+        values = values.astype(np.int64)
+    # integer labels are compared in their own dtype: an int64 copy of a CT label would take twice
+    # the memory of the float32 image
     if label_map is None:
         if values.size and (values.min() < 0 or values.max() > 255):
             raise ValueError(f"label values {values.min()}..{values.max()} do not fit uint8; give a label_map")
         return values.astype(np.uint8)
     if not isinstance(label_map, Mapping):
         label_map = {int(source): cls for cls, source in enumerate(label_map, start=1)}
-    seg = np.zeros(values.shape, dtype=np.uint8)
-    for source, target in label_map.items():
-        seg[values == int(source)] = int(target)
+    limits = np.iinfo(values.dtype)
+    pairs = [(int(s), int(t)) for s, t in label_map.items() if limits.min <= int(s) <= limits.max]
+    if values.dtype in (np.uint8, np.uint16):
+        # one lookup pass; values outside the map find 0 (background), as in the loop below
+        lut = np.zeros(int(limits.max) + 1, dtype=np.uint8)
+        for source, target in pairs:
+            lut[source] = target
+        return lut[values]
+    seg = np.zeros_like(values, dtype=np.uint8)  # the label's own memory order: the masks match it
+    for source, target in pairs:  # a source out of the dtype's range can match no voxel
+        seg[values == source] = target
     return seg
 
 
@@ -245,26 +326,54 @@ def ct_statistics(samples: Sequence[np.ndarray]) -> dict[str, float]:
     return foreground_stats(pooled, np.ones(pooled.shape, dtype=bool))
 
 
-def _normalise(image: np.ndarray, mask: np.ndarray, norm: str, ct_stats: Mapping[str, float] | None) -> np.ndarray:
+# planes per block of the normalisation: its temporaries (float64 for mr) stay a few MiB; volumes
+# up to _NORMALISE_WHOLE voxels are done in one block (a loop costs more than it saves there)
+_NORMALISE_BLOCK = 16
+_NORMALISE_WHOLE = 1 << 20
+
+
+def _normalise(
+    image: np.ndarray, mask: np.ndarray, norm: str, ct_stats: Mapping[str, float] | None, in_place: bool = False
+) -> np.ndarray:
+    """The normalised image as float32; ``in_place`` overwrites ``image`` (float32) instead of allocating.
+
+    The formula is applied block by block along the first axis; element-wise arithmetic gives each
+    voxel the same bits as on the whole array (same dtypes, same operations), without whole-volume
+    temporaries (the ``mr`` statistics are float64, which would make one of twice the image's size).
+    """
     if norm == "ct":
         if ct_stats is None:
             raise ValueError("ct normalisation needs ct_stats (mean, std, p005, p995)")
-        image = np.clip(image, ct_stats["p005"], ct_stats["p995"])
-        out = (image - ct_stats["mean"]) / max(float(ct_stats["std"]), _EPS)
+        low, high, mean = ct_stats["p005"], ct_stats["p995"], ct_stats["mean"]
+        std = max(float(ct_stats["std"]), _EPS)
+
+        def formula(block: np.ndarray) -> np.ndarray:
+            return (np.clip(block, low, high) - mean) / std
+
     elif norm == "mr":
         values = image[mask] if mask.any() else image.ravel()
         values = values.astype(np.float64, copy=False)
-        out = (image - values.mean()) / max(float(values.std()), _EPS)
+        mean, std = values.mean(), max(float(values.std()), _EPS)
+        del values
+
+        def formula(block: np.ndarray) -> np.ndarray:
+            return (block - mean) / std
+
     else:
         raise ValueError(f"unknown normalisation {norm!r} (expected one of {NORMALISATIONS})")
-    return np.asarray(out, dtype=np.float32)
+    out = image if in_place and image.dtype == np.float32 else np.empty(image.shape, dtype=np.float32)
+    planes = image.shape[0] if image.size <= _NORMALISE_WHOLE else _NORMALISE_BLOCK  # small: one go
+    for start in range(0, image.shape[0], max(1, planes)):
+        block = slice(start, start + max(1, planes))
+        out[block] = formula(image[block])  # the assignment casts to float32 as np.asarray did
+    return out
 
 
 # ------------------------------------------------------------------------------------- forward pass
 
 
 def preprocess_case(
-    image: nib.Nifti1Image,
+    image: nib.Nifti1Image | Any,
     label: nib.Nifti1Image | np.ndarray | None,
     target_spacing: Sequence[float],
     norm: str,
@@ -275,7 +384,8 @@ def preprocess_case(
     """Reorient, crop, resample and normalise one case.
 
     Args:
-        image: the image (3D, or 4D with a last axis of 1).
+        image: the image (3D, or 4D with a last axis of 1): a nibabel image, or any object with its
+            ``dataobj`` (array) and ``affine`` (4x4), which spares building a NIfTI header.
         label: its label on the same grid (an image, or an array of the image's shape), or ``None``.
         target_spacing: mm per voxel along the canonical R, A, S axes.
         norm: ``ct`` or ``mr`` (see the module docstring).
@@ -286,14 +396,24 @@ def preprocess_case(
     Returns ``(image float32 (1, X, Y, Z), seg uint8 (X, Y, Z) or None, geometry)``.
     """
     affine = np.asarray(image.affine, dtype=np.float64)
-    data = _as_3d(np.asanyarray(image.dataobj)).astype(np.float32)
-    axcodes = "".join(nib.aff2axcodes(affine))
+    data = _as_3d(np.asanyarray(image.dataobj))
+    ornt = _io_orientation(affine)  # once: nib.aff2axcodes would compute it again
+    axcodes = "".join(ornt2axcodes(ornt))
     orig_shape = [int(s) for s in data.shape]
 
-    canon = _to_canonical(data, axcodes)
+    # Memory: integer and float32 voxels are cropped first and converted with the one copy the crop
+    # needs (a voxel is non-zero before the float32 cast exactly when it is after it); other floats
+    # (float64 from scaled integers) may round to 0, so they are converted first as before.
+    if data.dtype.kind not in "biu" and data.dtype != np.float32:
+        data = data.astype(np.float32)
+    canon = _to_canonical(data, axcodes)  # a view: flips and transposes only
     box = nonzero_crop_box(canon)
-    cropped = np.ascontiguousarray(canon[_slices(box)])
-    shape, spacing = _target_shape(cropped.shape, canonical_spacing(affine), target_spacing)
+    # nnU-Net's non-zero mask fills holes so that dark structures inside the body count as body;
+    # made before the float32 crop exists, so that scipy's temporaries and the crop do not meet
+    body = _fill_holes(canon[_slices(box)] != 0)
+    cropped = np.array(canon[_slices(box)], dtype=np.float32, order="C")
+    del data, canon
+    shape, spacing = _target_shape(cropped.shape, _canonical_spacing(affine, ornt), target_spacing)
     geometry: dict[str, Any] = {
         "orig_shape": orig_shape,
         "orig_spacing": [float(s) for s in nib.affines.voxel_sizes(affine)],
@@ -305,11 +425,13 @@ def preprocess_case(
         "spacing": spacing,
     }
 
-    # nnU-Net's non-zero mask fills holes so that dark structures inside the body count as body
-    body = ndimage.binary_fill_holes(cropped != 0)
     resampled = resample(cropped, shape, image_order).astype(np.float32, copy=False)
-    body = resample(body.astype(np.uint8), shape, 0).astype(bool)
-    image_out = _normalise(resampled, body, norm, ct_stats)[None]
+    del cropped  # freed here when resampling made a new array
+    if tuple(body.shape) != tuple(shape):  # resample() would hand an unchanged grid straight back
+        body = resample(body.astype(np.uint8), shape, 0).astype(bool)
+    # resampled is this function's own array (the crop copy or scipy's output): normalise in place
+    image_out = _normalise(resampled, body, norm, ct_stats, in_place=True)[None]
+    del resampled, body
 
     seg = None
     if label is not None:

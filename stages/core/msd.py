@@ -15,6 +15,7 @@ each, naming the file. Only single-channel (3D) datasets are supported.
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import logging
 import os
@@ -97,6 +98,10 @@ class ValidatedCase:
         label_values: the distinct values in the label file (empty without a label).
         image_sha256: SHA-256 of the image file.
         label_sha256: SHA-256 of the label file, or ``None``.
+        voxels: the arrays validation read, kept only when :func:`validate_dataset` was asked to
+            (``keep_bytes``): ``"image"`` (3D, scaling applied, only for images without scaling, where
+            stored and scaled values are the same array) and ``"label"`` (3D, as stored). A consumer
+            pops them to free the memory; what is absent is read from the file again.
     """
 
     case_id: str
@@ -108,6 +113,7 @@ class ValidatedCase:
     label_values: tuple[int, ...]
     image_sha256: str
     label_sha256: str | None
+    voxels: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -349,13 +355,62 @@ def _verify_gzip(path: Path) -> None:
             pass
 
 
-def load_nifti_3d(path: Path, scaled: bool = True) -> tuple[nib.Nifti1Image, np.ndarray]:
+# Compressed files up to this size are read in one go; larger ones are streamed so that a big CT
+# never holds its compressed and decompressed bytes next to its voxel array.
+_IN_MEMORY_MAX_BYTES = 64 << 20
+
+
+def _load_in_memory(
+    path: Path, like: nib.Nifti1Image | None, scaled: bool
+) -> tuple[nib.Nifti1Image, np.ndarray] | None:
+    """A small ``.nii.gz`` file decompressed in one call and its voxels read from memory, or None.
+
+    Streaming through ``GzipFile`` and then :func:`_verify_gzip` decompress every file twice, and
+    ``nib.load`` opens it once more per image class it sniffs; for a set of small volumes (MSD
+    Hippocampus: 35 x 50 x 35 voxels) that costs more than the voxels. ``gzip.decompress`` checks the
+    CRC and the length of every member as ``_verify_gzip`` does. Whenever anything does not fit, None
+    sends the caller down nibabel's own path, which then reports the problem in its own words.
+
+    Args:
+        path: the file.
+        like: the image ``nib.load`` made of it: its voxels are read with a proxy of the same
+            specification (shape, dtype, offset, scaling, order) over the bytes in memory, and it is
+            what is returned. None parses the bytes as ``nib.load`` would a NIfTI-1 file (its header
+            sniff, ``Nifti1Header.may_contain_header``) and gives up otherwise.
+        scaled: as in :func:`load_nifti_3d`.
+    """
+    if not path.name.endswith(".nii.gz"):
+        return None
+    try:
+        if path.stat().st_size > _IN_MEMORY_MAX_BYTES:
+            return None
+        raw = gzip.decompress(path.read_bytes())
+        if like is None:
+            if not nib.Nifti1Header.may_contain_header(raw[: nib.Nifti1Header.sizeof_hdr]):
+                return None
+            img = nib.Nifti1Image.from_bytes(raw)
+            proxy = img.dataobj
+        else:
+            img, spec = like, like.dataobj
+            proxy = type(spec)(
+                io.BytesIO(raw), (spec.shape, spec.dtype, spec.offset, spec.slope, spec.inter),
+                mmap=False, order=spec.order,
+            )
+        data = np.asanyarray(proxy) if scaled else np.asanyarray(proxy.get_unscaled())
+    except Exception:  # noqa: BLE001 - any problem is reported by the nibabel path instead
+        return None
+    return img, data
+
+
+def load_nifti_3d(path: Path, scaled: bool = True, verify: bool = True) -> tuple[nib.Nifti1Image, np.ndarray]:
     """Open a NIfTI file and read its voxels as a 3D array (a trailing singleton axis is squeezed).
 
     Args:
         path: the ``.nii`` / ``.nii.gz`` file.
         scaled: apply the header's ``scl_slope``/``scl_inter``; ``False`` keeps the stored integers
             (a quarter of the memory of the float64 that scaling gives a large CT).
+        verify: check the whole gzip stream (CRC, trailer) even past the voxels; ``False`` is for
+            files already validated, where a large file is then decompressed once instead of twice.
 
     Returns the image (for its affine and header) and the voxel array (scaling applied, stored dtype
     otherwise). Raises :class:`InputError` naming the file and what is wrong with it.
@@ -372,12 +427,21 @@ def load_nifti_3d(path: Path, scaled: bool = True) -> tuple[nib.Nifti1Image, np.
     try:
         if not os.access(path, os.R_OK):
             raise PermissionError(13, "permission denied")
-        img = nib.load(path)
-        if not isinstance(img, nib.Nifti1Image):  # Nifti2Image subclasses Nifti1Image
-            raise InputError(path, f"not a NIfTI image ({type(img).__name__})")
-        data = np.asanyarray(img.dataobj) if scaled else np.asanyarray(img.dataobj.get_unscaled())
-        if path.name.endswith(".gz"):
-            _verify_gzip(path)
+        loaded = None if verify else _load_in_memory(path, None, scaled)
+        if loaded is not None:
+            img, data = loaded
+        else:
+            img = nib.load(path)  # the header only: voxels are read on demand
+            if not isinstance(img, nib.Nifti1Image):  # Nifti2Image subclasses Nifti1Image
+                raise InputError(path, f"not a NIfTI image ({type(img).__name__})")
+            # one decompression both reads the voxels and checks the whole stream
+            loaded = _load_in_memory(path, img, scaled) if verify else None
+            if loaded is not None:
+                data = loaded[1]
+            else:
+                data = np.asanyarray(img.dataobj) if scaled else np.asanyarray(img.dataobj.get_unscaled())
+                if verify and path.name.endswith(".gz"):
+                    _verify_gzip(path)
     except InputError:
         raise
     except PermissionError as err:
@@ -427,10 +491,33 @@ def read_label_array(path: Path, allowed: Iterable[int] | None = None) -> np.nda
     Integer-valued floats (some MSD labels are stored as float32) are accepted and cast.
     """
     _, data = load_nifti_3d(path)
-    return _label_values_checked(path, data, allowed)
+    return _label_values_checked(path, data, allowed)[0]
 
 
-def _label_values_checked(path: Path, data: np.ndarray, allowed: Iterable[int] | None) -> np.ndarray:
+_COUNT_BLOCK = 1 << 22
+
+
+def _unique_values(data: np.ndarray) -> np.ndarray:
+    """The sorted distinct values of ``data``, as ``np.unique`` gives them.
+
+    Labels are nearly always uint8: counting with ``bincount`` is one pass, several times faster
+    than ``np.unique``'s hashing on the many small volumes of a dataset.
+    """
+    if data.dtype in (np.uint8, np.uint16, np.bool_) and data.size:
+        flat = data.ravel(order="K")  # memory order: no copy of nibabel's Fortran-ordered arrays
+        flat = flat.view(np.uint8) if data.dtype == np.bool_ else flat
+        seen = np.zeros(np.iinfo(flat.dtype).max + 1, dtype=bool)
+        # in blocks: bincount casts its input to int64, 8 bytes a voxel of a large CT label
+        for start in range(0, flat.size, _COUNT_BLOCK):
+            seen |= np.bincount(flat[start : start + _COUNT_BLOCK], minlength=seen.size) > 0
+        return np.flatnonzero(seen).astype(data.dtype)
+    return np.unique(data)
+
+
+def _label_values_checked(
+    path: Path, data: np.ndarray, allowed: Iterable[int] | None, want_values: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The label as integers and, if checked against ``allowed`` or wanted, its distinct values."""
     if data.dtype.kind == "f":
         bad = ~np.isfinite(data)
         if bad.any():
@@ -446,18 +533,21 @@ def _label_values_checked(path: Path, data: np.ndarray, allowed: Iterable[int] |
         data = data.astype(np.int64)
     elif data.dtype.kind == "b":
         data = data.astype(np.uint8)
+    values = _unique_values(data) if allowed is not None or want_values else None
     if allowed is not None:
+        assert values is not None
         allowed_set = set(int(v) for v in allowed)
-        values = np.unique(data)
         extra = sorted(int(v) for v in values if int(v) not in allowed_set)
         if extra:
             raise InputError(
                 path, f"label values {extra} are not in the declared label set {sorted(allowed_set)}"
             )
-    return data
+    return data, values
 
 
-def _image_problems(case: Case) -> tuple[nib.Nifti1Image | None, tuple[int, ...] | None, list[tuple[str, str]]]:
+def _image_problems(
+    case: Case, keep: dict[str, np.ndarray], budget: list[int]
+) -> tuple[nib.Nifti1Image | None, tuple[int, ...] | None, list[tuple[str, str]]]:
     try:
         img, data = load_nifti_3d(case.image, scaled=False)
     except InputError as err:
@@ -468,11 +558,27 @@ def _image_problems(case: Case) -> tuple[nib.Nifti1Image | None, tuple[int, ...]
         if bad:
             n_nan = int(np.count_nonzero(np.isnan(data)))
             problems.append((str(case.image), f"{bad} non-finite voxels ({n_nan} NaN, {bad - n_nan} Inf)"))
+    # without scl_slope/scl_inter nibabel's scaled read returns the stored array itself
+    if img.dataobj.slope == 1 and img.dataobj.inter == 0:
+        _keep(keep, "image", data, budget)
     return img, tuple(int(s) for s in data.shape), problems
 
 
+def _keep(keep: dict[str, np.ndarray], key: str, data: np.ndarray, budget: list[int]) -> None:
+    """Put ``data`` into ``keep`` if it fits into what is left of ``budget[0]`` (bytes), and charge it."""
+    if data.nbytes <= budget[0]:
+        keep[key] = data
+        budget[0] -= data.nbytes
+
+
 def _label_problems(
-    case: Case, dataset: Dataset, img: nib.Nifti1Image | None, shape: tuple[int, ...] | None, affine_atol: float
+    case: Case,
+    dataset: Dataset,
+    img: nib.Nifti1Image | None,
+    shape: tuple[int, ...] | None,
+    affine_atol: float,
+    keep: dict[str, np.ndarray],
+    budget: list[int],
 ) -> tuple[tuple[int, ...], list[tuple[str, str]]]:
     if case.label is None:
         return (), [(str(case.image), "image has no label")]
@@ -492,21 +598,28 @@ def _label_problems(
         )
     try:
         allowed = dataset.labels if dataset.labels_declared else None
-        values = tuple(int(v) for v in np.unique(_label_values_checked(case.label, data, allowed)))
+        _, found = _label_values_checked(case.label, data, allowed, want_values=True)
+        assert found is not None
+        values = tuple(int(v) for v in found)
     except InputError as err:
         return (), [*problems, (err.where, err.problem)]
+    if not problems:
+        _keep(keep, "label", data, budget)
     return values, problems
 
 
 def _validate_case(
-    case: Case, dataset: Dataset, labelled: bool, affine_atol: float
+    case: Case, dataset: Dataset, labelled: bool, affine_atol: float, budget: list[int]
 ) -> tuple[ValidatedCase | None, list[tuple[str, str]]]:
-    img, shape, problems = _image_problems(case)
+    keep: dict[str, np.ndarray] = {}
+    spent = budget[0]
+    img, shape, problems = _image_problems(case, keep, budget)
     values: tuple[int, ...] = ()
     if labelled:
-        values, label_problems = _label_problems(case, dataset, img, shape, affine_atol)
+        values, label_problems = _label_problems(case, dataset, img, shape, affine_atol, keep, budget)
         problems += label_problems
     if problems or img is None or shape is None:
+        budget[0] = spent  # nothing of a refused case is kept
         return None, problems
     label = case.label if labelled else None
     return (
@@ -520,12 +633,15 @@ def _validate_case(
             label_values=values,
             image_sha256=sha256_file(case.image),
             label_sha256=sha256_file(label) if label is not None else None,
+            voxels=keep,
         ),
         [],
     )
 
 
-def validate_dataset(dataset: Dataset, labelled: bool = True, affine_atol: float = 1e-3) -> list[ValidatedCase]:
+def validate_dataset(
+    dataset: Dataset, labelled: bool = True, affine_atol: float = 1e-3, keep_bytes: int = 0
+) -> list[ValidatedCase]:
     """Open and check every case; raise one :class:`InputError` listing every problem found.
 
     Checks, per case: the file exists, is readable, non-empty, an intact (gzip) NIfTI; the image is 3D
@@ -537,6 +653,9 @@ def validate_dataset(dataset: Dataset, labelled: bool = True, affine_atol: float
         dataset: from :func:`read_dataset`.
         labelled: check labels (must match how the dataset was read).
         affine_atol: largest absolute difference allowed between image and label affine entries (mm).
+        keep_bytes: keep up to this many bytes of the arrays read, in total, in the cases' ``voxels``,
+            so that a caller reading every case next (preprocess) does not decompress the files
+            again; 0 keeps nothing.
 
     Returns the validated cases, in the dataset's order. Nothing is written.
     """
@@ -544,8 +663,9 @@ def validate_dataset(dataset: Dataset, labelled: bool = True, affine_atol: float
     if not dataset.cases and not problems:
         problems.append((str(dataset.root), "no cases found"))
     validated: list[ValidatedCase] = []
+    budget = [max(0, int(keep_bytes))]
     for case in tqdm(dataset.cases, desc=f"validate {dataset.name}", mininterval=2, leave=False):
-        good, found = _validate_case(case, dataset, labelled, affine_atol)
+        good, found = _validate_case(case, dataset, labelled, affine_atol, budget)
         problems.extend(found)
         if good is not None:
             validated.append(good)
