@@ -203,23 +203,34 @@ class PatchSampler:
             return tuple(int(c) - p // 2 for c, p in zip(centre, self.patch_size))
         return tuple(_randint(generator, min(0, s - p), max(0, s - p)) for s, p in zip(shape, self.patch_size))
 
-    def _crop(self, case: str, lower: Sequence[int]) -> tuple[np.ndarray, np.ndarray | None]:
+    def _crop_into(
+        self, case: str, lower: Sequence[int], img: np.ndarray, lab: np.ndarray | None
+    ) -> None:
+        """Copy the patch at ``lower`` into ``img`` (C, *patch) and ``lab`` (*patch), padding with zeros.
+
+        The destinations are the batch's own slots (or flipped views of them), so each voxel is read
+        from the memmap and written once: no intermediate patch, no second copy into the batch, and
+        the label is cast to the batch's int64 in the same pass. Only a patch that reaches outside
+        the volume has its slot zeroed first.
+        """
         image = self.store.image(case)
         label = self.store.label(case)
         src, dst = [], []
+        inside = True
         for lo, p, s in zip(lower, self.patch_size, image.shape[1:]):
             a, b = max(lo, 0), min(lo + p, s)
             b = max(a, b)  # a patch wholly outside the volume along an axis stays all padding
             src.append(slice(a, b))
             dst.append(slice(a - lo, b - lo))
-        img = np.zeros((image.shape[0], *self.patch_size), dtype=np.float32)
+            inside = inside and a == lo and b == lo + p
+        if not inside:
+            img[...] = 0
         # One read from the memmap straight into the padded patch: no copy of the full volume.
         img[(slice(None), *dst)] = image[(slice(None), *src)]
-        lab = None
-        if label is not None:
-            lab = np.zeros(self.patch_size, dtype=np.uint8)
+        if lab is not None and label is not None:
+            if not inside:
+                lab[...] = 0
             lab[tuple(dst)] = label[tuple(src)]
-        return img, lab
 
     def sample(self, generator: torch.Generator) -> dict[str, Any]:
         """Draw one batch.
@@ -233,24 +244,25 @@ class PatchSampler:
         """
         n_cases = len(self.store.cases)
         images = np.empty((self.batch_size, self.store.in_channels, *self.patch_size), dtype=np.float32)
-        labels = np.empty((self.batch_size, 1, *self.patch_size), dtype=np.uint8) if self.store.with_labels else None
+        # int64 straight away: the uint8 label is widened while it is copied, not in a second pass
+        labels = np.empty((self.batch_size, 1, *self.patch_size), dtype=np.int64) if self.store.with_labels else None
         cases: list[str] = []
         for b in range(self.batch_size):
             case = self.store.cases[_randint(generator, 0, n_cases - 1)]
-            img, lab = self._crop(case, self._lower_corner(case, generator))
-            if self.flips:
+            lower = self._lower_corner(case, generator)
+            img, lab = images[b], labels[b, 0] if labels is not None else None
+            if self.flips:  # drawn after the corner, as before: the crop itself draws nothing
                 flip = torch.rand(3, generator=generator) < 0.5
                 axes = tuple(i for i in range(3) if bool(flip[i]))
                 if axes:
+                    # cropping into the mirrored view of the slot leaves the slot holding the mirrored patch
                     img = np.flip(img, axis=tuple(a + 1 for a in axes))
                     lab = np.flip(lab, axis=axes) if lab is not None else None
-            images[b] = img
-            if labels is not None:
-                labels[b, 0] = lab
+            self._crop_into(case, lower, img, lab)
             cases.append(case)
         out: dict[str, Any] = {"image": torch.from_numpy(images), "case": cases}
         if labels is not None:
-            out["label"] = torch.from_numpy(labels).long()
+            out["label"] = torch.from_numpy(labels)
         return out
 
 
