@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from slurm_cluster import SlurmCluster, SlurmUnavailable, single_node_slurm
+from stages.core.config import validate_config
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "workflow" / "Snakefile"
@@ -131,14 +132,18 @@ def slurm_config() -> dict:
 
     Each job through Slurm costs about 12 s of submission and polling on top of its work, so the
     whole tiny DAG (every method) would take many minutes. Optional parts are the top-level sections
-    with an `enabled` switch (transfer, ...); the demo data stays on, it is the input.
+    with an `enabled` switch (transfer, analysis.*); the demo data stays on, it is the input.
     """
-    config = yaml.safe_load(TINY.read_text())
+    config = validate_config(yaml.safe_load(TINY.read_text()))  # defaults filled: every switch is there
     for name, method in config["methods"].items():
         method["enabled"] = name == METHOD
     for name, section in config.items():
-        if name != "demo" and isinstance(section, dict) and "enabled" in section:
-            section["enabled"] = False
+        if name in ("demo", "methods") or not isinstance(section, dict):
+            continue
+        # a switch of its own (transfer) or switches of its parts (analysis: drift, landscape)
+        for part in [section, *section.values()]:
+            if isinstance(part, dict) and "enabled" in part:
+                part["enabled"] = False
     return config
 
 
