@@ -30,16 +30,12 @@ continues where it stopped and writes byte-identical output.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
-import signal
 import sys
-import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import matplotlib
@@ -58,6 +54,7 @@ from stages.core.io import config_hash, make_provenance, read_json, read_parquet
 from stages.core.losses import segmentation_loss
 from stages.core.nets import MODEL_WEIGHTS, FoundationNet, load_model, model_id
 from stages.core.sampling import CaseStore
+from stages.core.signals import StopSignal
 
 __all__ = [
     "CURVE_FIGURE",
@@ -315,31 +312,6 @@ class _Perturber:
 # -------------------------------------------------------------------------------------------- resuming
 
 
-class _Stop:
-    """SIGTERM / SIGINT set a flag; the loop saves the finished points and exits (as the trainer does)."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-
-    def handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        self.signum = signum
-        log.warning("landscape: got %s, stopping after the current grid point", signal.Signals(signum).name)
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield  # signal handlers can only be installed from the main thread
-            return
-        previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-
-
 def _load_state(path: Path, job_hash: str) -> dict[int, float]:
     if not path.is_file():
         return {}
@@ -449,7 +421,7 @@ def run(model_dir: Path, data: Path, task: str, out: Path, work: Path, settings:
     d1, d2 = random_directions(params, conf.seed, 2)
     perturber = _Perturber(params, {n: p.detach().clone() for n, p in params.items()},
                            {n: d.to(device) for n, d in d1.items()}, {n: d.to(device) for n, d in d2.items()})
-    stop = _Stop()
+    stop = StopSignal("landscape", "grid point", log)
     bar = tqdm(total=len(unique), initial=len(losses), desc=f"landscape {task}", file=sys.stderr, mininterval=1.5)
     try:
         with stop.installed():

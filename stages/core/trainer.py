@@ -15,14 +15,11 @@ import contextlib
 import dataclasses
 import logging
 import math
-import signal
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import pandas as pd
@@ -32,6 +29,7 @@ from tqdm import tqdm
 
 from stages.core.errors import InputError
 from stages.core.io import atomic_path
+from stages.core.signals import StopSignal
 
 __all__ = ["CHECKPOINT_NAME", "StepFn", "TrainResult", "TrainSettings", "Trainer", "ValidateFn", "lr_factor"]
 
@@ -229,7 +227,6 @@ class Trainer:
         self.best_score: float | None = None
         self.best_step: int | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
-        self._stop_signal: int | None = None
 
     # ----------------------------------------------------------------------------------- checkpoint
     def _save_checkpoint(self) -> None:
@@ -289,25 +286,6 @@ class Trainer:
         self.best_state = state["best_state"]
         return self.step
 
-    # -------------------------------------------------------------------------------------- signals
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        if self._stop_signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
-        self._stop_signal = signum
-        log.warning("%s: got %s, stopping after the current step", self.name, signal.Signals(signum).name)
-
-    @contextlib.contextmanager
-    def _signal_handlers(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield  # signal handlers can only be installed from the main thread
-            return
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-
     # ------------------------------------------------------------------------------------- training
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.amp_dtype is None:
@@ -357,12 +335,12 @@ class Trainer:
     def _train_loop(self) -> None:
         s = self.settings
         validating = self.validate_fn is not None and s.val_every > 0
-        self._stop_signal = None
+        stop = StopSignal(self.name, "step", log)
         bar = tqdm(
             total=s.steps, initial=self.step, desc=self.name, file=sys.stderr, mininterval=1.5, dynamic_ncols=True
         )
         try:
-            with self._signal_handlers():
+            with stop.installed():
                 while self.step < s.steps:
                     started = time.perf_counter()
                     lr = self.optimizer.param_groups[0]["lr"]
@@ -377,7 +355,7 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{terms['loss']:.4f}", refresh=False)
                     # read the flag once: a signal landing between save and exit is handled next step
-                    stopping = self._stop_signal
+                    stopping = stop.signum
                     if self.step % s.checkpoint_every == 0 or self.step == s.steps or stopping is not None:
                         self._save_checkpoint()
                     if stopping is not None and self.step < s.steps:
