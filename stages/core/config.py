@@ -86,15 +86,13 @@ def validate_config(
     if split["val"] + split["test"] >= 1:
         raise InputError(f"{source}: preprocess.split", "val + test must leave cases for training (sum < 1)")
     if check_paths:
-        demo = config["demo"]
-        demo_root = Path(demo["out"]).resolve() if demo["enabled"] else None
         datasets = [(f"tasks[{i}].dataset", t["dataset"]) for i, t in enumerate(config["tasks"])]
         if config["foundation"]["pool"]:
             datasets.append(("foundation.pool", config["foundation"]["pool"]))
         for key, path in datasets:
-            p = Path(path).resolve()
-            if demo_root is not None and (p == demo_root or demo_root in p.parents):
+            if _made_by_demo(path, config):
                 continue
+            p = Path(path).resolve()
             if not (p / "dataset.json").is_file() and not (p / "imagesTr").is_dir():
                 raise InputError(f"{source}: {key}", f"{path!r} is not an MSD dataset folder (no dataset.json, no imagesTr/)")
         ckpt = config["foundation"]["checkpoint"]
@@ -117,13 +115,19 @@ def validate_config(
     return config
 
 
+def _made_by_demo(path: str, config: Mapping[str, Any]) -> bool:
+    """True if ``path`` lies in the demo's output folder (the pipeline makes it; it need not exist yet)."""
+    demo = config["demo"]
+    if not demo["enabled"]:
+        return False
+    p, root = Path(path).resolve(), Path(demo["out"]).resolve()
+    return p == root or root in p.parents
+
+
 def _count_cases(dataset: str, config: Mapping[str, Any]) -> tuple[int, str]:
     """How many labelled cases a task's dataset holds, and where that number comes from."""
-    demo = config["demo"]
-    p = Path(dataset).resolve()
-    demo_root = Path(demo["out"]).resolve()
-    if demo["enabled"] and (p == demo_root or demo_root in p.parents):
-        return int(demo["cases_per_task"]), "demo.cases_per_task"
+    if _made_by_demo(dataset, config):
+        return int(config["demo"]["cases_per_task"]), "demo.cases_per_task"
     from stages.core.msd import read_dataset  # nibabel only where a real dataset is counted
 
     # read_dataset lists the image/label pairs without opening them; their problems are
