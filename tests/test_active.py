@@ -20,6 +20,7 @@ from stages.core.active import (
     mean_entropy,
     min_distance,
     normalised_entropy,
+    otsu_threshold,
     scaled_rank,
 )
 from stages.core.inference import mc_dropout_probabilities
@@ -214,3 +215,32 @@ def test_build_folder_swaps_in_whole_and_keeps_old_on_failure(tmp_path: Path) ->
     assert (out / "cases" / "a.npy").is_symlink()
     np.testing.assert_array_equal(np.load(out / "cases" / "a.npy"), np.arange(3))
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+
+
+def test_otsu_threshold_matches_scikit_image() -> None:
+    # reference values from skimage.filters.threshold_otsu 0.25 on the same seeded arrays
+    rng = np.random.default_rng(0)
+    bimodal = np.concatenate([rng.normal(0.2, 0.05, 3000), rng.normal(0.7, 0.1, 1000)]).clip(0, 1)
+    skewed = rng.random((8, 9, 10)) ** 3
+    assert otsu_threshold(bimodal) == pytest.approx(0.4461586725521986, abs=1e-12)
+    assert otsu_threshold(skewed) == pytest.approx(0.3898761292656101, abs=1e-12)
+    assert otsu_threshold(np.full((3, 3), 0.25)) == 0.25
+
+
+def test_otsu_threshold_maximises_between_class_variance() -> None:
+    rng = np.random.default_rng(1)
+    values = np.concatenate([rng.normal(1.0, 0.3, 500), rng.normal(4.0, 0.5, 200)])
+    tau = otsu_threshold(values, nbins=64)
+    edges = np.linspace(values.min(), values.max(), 65)
+    centres = (edges[:-1] + edges[1:]) / 2
+    hist = np.histogram(values, bins=64, range=(values.min(), values.max()))[0]
+
+    def between(t: float) -> float:  # on the binned values, as Otsu's method defines it
+        below = centres <= t
+        w1, w2 = hist[below].sum(), hist[~below].sum()
+        m1 = (hist[below] * centres[below]).sum() / w1
+        m2 = (hist[~below] * centres[~below]).sum() / w2
+        return w1 * w2 * (m1 - m2) ** 2
+
+    assert max(between(c) for c in centres[:-1]) == pytest.approx(between(tau))
+    assert 1.5 < tau < 3.5

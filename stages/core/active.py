@@ -272,11 +272,34 @@ def mean_entropy(probs: np.ndarray) -> float:
     return float(normalised_entropy(probs).mean(dtype=np.float64))
 
 
+def otsu_threshold(values: np.ndarray, nbins: int = 256) -> float:
+    """Otsu's threshold (Otsu, 1979) of ``values``: the bin centre that maximises the between-class variance.
+
+    The same histogram rule as scikit-image's ``threshold_otsu`` (``nbins`` equal bins over
+    [min, max], the threshold at a bin centre, values ``<=`` it in the lower class), written here so
+    that ASD needs no image-processing package. Constant input returns its value.
+    """
+    flat = np.asarray(values, dtype=np.float64).ravel()
+    low, high = float(flat.min()), float(flat.max())
+    if high == low:
+        return low
+    hist, edges = np.histogram(flat, bins=nbins, range=(low, high))
+    centres = (edges[:-1] + edges[1:]) / 2
+    hist = hist.astype(np.float64)
+    weight1 = np.cumsum(hist)  # voxels at or below each centre
+    weight2 = np.cumsum(hist[::-1])[::-1]  # voxels at or above each centre
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean1 = np.cumsum(hist * centres) / weight1
+        mean2 = (np.cumsum((hist * centres)[::-1]) / weight2[::-1])[::-1]
+    between = weight1[:-1] * weight2[1:] * (mean1[:-1] - mean2[1:]) ** 2
+    return float(centres[int(np.nanargmax(between))])
+
+
 def asd_score(probs: np.ndarray) -> tuple[float, bool, float]:
     """ASD: mean normalised voxel entropy over the predicted foreground (ASSFT; ``methods.md`` §2).
 
     ``F(x) = {v : 1 - p_bg(v) > tau}`` with ``tau`` the Otsu threshold of the case's foreground
-    probabilities ``1 - p_bg`` (skimage ``threshold_otsu``; per case, ours). Background-only
+    probabilities ``1 - p_bg`` (:func:`otsu_threshold`; per case, ours). Background-only
     uncertainty thus does not count. An empty F (e.g. constant probabilities) gives ASD = 1, flagged:
     a case where the model finds nothing is treated as maximally difficult.
 
@@ -285,12 +308,10 @@ def asd_score(probs: np.ndarray) -> tuple[float, bool, float]:
 
     Returns ``(asd, empty_foreground, tau)``.
     """
-    from skimage.filters import threshold_otsu
-
     probs = np.asarray(probs)
     foreground = 1.0 - probs[0].astype(np.float64)
     low, high = float(foreground.min()), float(foreground.max())
-    tau = high if high - low <= 1e-12 else float(threshold_otsu(foreground))
+    tau = high if high - low <= 1e-12 else otsu_threshold(foreground)
     mask = foreground > tau
     if not mask.any():
         return 1.0, True, tau
