@@ -3,7 +3,7 @@
 # filesystem, then Dockerfile.cpu installed offline from containers/wheelhouse/.
 #
 # Usage: containers/build.sh [--lock] [--wheelhouse-only]
-#   --lock             first rewrite containers/requirements.lock from the current Python environment
+#   --lock             first rewrite requirements.lock (the repository's one lock) from the current environment
 #   --wheelhouse-only  fill containers/wheelhouse/ (needed by both Dockerfiles) and stop
 # Environment: DOCKER_HOST (daemon to use), IMAGE (default segadapt:cpu), BASE_IMAGE (default
 # segadapt-base:bookworm), SEGADAPT_CACHE (rootfs cache, default ~/.cache/segadapt), DEBIAN_MIRROR,
@@ -20,7 +20,7 @@ CACHE=${SEGADAPT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/segadapt}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SUITE=bookworm
 ROOTFS_TAR=$CACHE/debian-$SUITE-python3.11-rootfs.tar
-LOCK=$HERE/requirements.lock
+LOCK=$REPO/requirements.lock
 WHEELHOUSE=$HERE/wheelhouse
 # The CPU build of torch lives on PyTorch's own index; the default PyPI wheel is the CUDA one.
 TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
@@ -28,43 +28,9 @@ TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 log() { printf 'build.sh: %s\n' "$*" >&2; }
 
 write_lock() {
-  # The closure of pyproject.toml's [project].dependencies as installed here, pinned exactly.
-  "$PYTHON" - "$REPO/pyproject.toml" "$LOCK" <<'EOF'
-import importlib.metadata as md
-import sys
-import tomllib
-
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
-
-pyproject, lock = sys.argv[1], sys.argv[2]
-roots = tomllib.load(open(pyproject, "rb"))["project"]["dependencies"]
-pins, todo = {}, [Requirement(r) for r in roots]
-while todo:
-    req = todo.pop()
-    name = canonicalize_name(req.name)
-    if name in pins:
-        continue
-    dist = md.distribution(req.name)
-    # the local build tag (+cpu) is chosen per image, not locked
-    pins[name] = dist.version.split("+")[0]
-    for spec in dist.requires or []:
-        dep = Requirement(spec)
-        envs = [{"extra": e} for e in sorted(req.extras)] or [{"extra": ""}]
-        if dep.marker is None or any(dep.marker.evaluate(env) for env in envs):
-            todo.append(dep)
-pip_version = md.version("pip")
-with open(lock, "w") as out:
-    out.write(
-        "# Exact versions of segadapt's runtime dependencies: the closure of pyproject.toml's\n"
-        "# [project].dependencies in the environment the test suite passed in, written by\n"
-        "# `containers/build.sh --lock`. Both images install exactly these; torch's build is chosen per\n"
-        "# image (+cpu in Dockerfile.cpu, the CUDA 13.0 build from PyPI in Dockerfile.cuda).\n"
-        f"pip=={pip_version}\n"
-    )
-    out.writelines(f"{n}=={v}\n" for n, v in sorted(pins.items()))
-print(f"{lock}: {len(pins)} packages", file=sys.stderr)
-EOF
+  # The one lock of the project (README, CI, envs/ and both images install with it), rewritten from
+  # the current environment: the closure of pyproject.toml's dependencies and extras, pinned exactly.
+  "$PYTHON" "$REPO/tools/write_lock.py"
 }
 
 fill_wheelhouse() {
