@@ -61,7 +61,11 @@ def test_every_schema_key_has_type_description_default() -> None:
         (lambda c: c["foundation"].update(checkpoint="/nonexistent/m.pt"), "config: foundation.checkpoint", "does not exist"),
     ],
 )
-def test_bad_config_names_the_key(mutate: Any, key: str, problem: str) -> None:
+def test_bad_config_names_the_key(mutate: Any, key: str, problem: str, tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # relative dataset paths resolve against the working folder: an empty one, so that a demo run
+    # left in the checkout (its demo/ folder) cannot change the verdict
+    monkeypatch.chdir(tmp_path)
     config = demo_config()
     mutate(config)
     with pytest.raises(InputError) as err:
