@@ -138,14 +138,30 @@ def _load_label(
     path: Path, row: Mapping[str, Any], allowed: list[int], label_map: Mapping[str, int], num_classes: int,
     atol: float, problems: list[str],
 ) -> np.ndarray | None:
-    """A label file checked like any input and mapped onto the task's preprocessed grid, or None (problems noted)."""
+    """A label file checked like any input and mapped onto the task's preprocessed grid, or None (problems noted).
+
+    The shape is checked from the header first: a file of the wrong size is refused without
+    decompressing it (a 0.5 MB upload can decode to gigabytes).
+    """
+    shape = tuple(int(s) for s in row["orig_shape"])
+    try:
+        header_shape = tuple(int(s) for s in nib.load(path).shape)
+    except Exception:  # unreadable: read_label_array below says how, naming the file
+        header_shape = shape
+    while len(header_shape) > 3 and header_shape[-1] == 1:  # a trailing singleton axis is allowed
+        header_shape = header_shape[:-1]
+    if header_shape != shape:
+        problems.append(
+            f"{path}: label shape {header_shape} (from its header) differs from the image's {shape} "
+            f"({row['image_path']})"
+        )
+        return None
     try:
         data = read_label_array(path, allowed)
         affine = np.asarray(nib.load(path).affine, dtype=np.float64)
     except InputError as err:
         problems.append(str(err))
         return None
-    shape = tuple(int(s) for s in row["orig_shape"])
     if tuple(data.shape) != shape:
         problems.append(
             f"{path}: label shape {tuple(data.shape)} differs from the image's {shape} ({row['image_path']})"

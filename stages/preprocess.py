@@ -21,6 +21,9 @@ Settings (defaults in :data:`DEFAULT_SETTINGS`):
 - ``ct_stats`` ({"mean", "std", "p005", "p995"} or null): fixed CT statistics; null computes them from
   the training split's foreground (label > 0), which an unlabelled CT pool does not have, so there
   they are required.
+- ``max_voxels`` (int): refuse, before anything is written, a case whose volume resampled to the
+  target spacing would exceed this many voxels (a header with a wrong spacing otherwise exhausts
+  memory); a case far from the dataset's median size or spacing gets a warning.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from stages.core.geometry import (
     preprocess_case,
     sample_foreground,
 )
-from stages.core.io import make_provenance, save_npy, sha256_file, write_parquet
+from stages.core.io import build_folder, make_provenance, save_npy, sha256_file, write_parquet
 from stages.core.msd import Dataset, ValidatedCase, dataset_labels, load_nifti_3d, read_dataset, validate_dataset
 from stages.core.split import split_cases
 
@@ -64,7 +67,12 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "target_spacing": None,
     "normalisation": "auto",
     "ct_stats": None,
+    "max_voxels": 100_000_000,
 }
+
+#: a case whose resampled size is this many times the dataset's median, or whose spacing is this many
+#: times the median along an axis, is reported as suspicious (a header in the wrong unit, a localiser)
+OUTLIER_FACTOR = 8.0
 
 # nnU-Net draws 10,000 foreground voxels per training case for its CT statistics
 CT_SAMPLES_PER_CASE = 10_000
@@ -145,6 +153,8 @@ def resolve_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
         raise InputError("settings.target_spacing", f"must be null or 3 positive numbers (mm), got {spacing!r}")
     if out["normalisation"] not in ("auto", "ct", "mr"):
         raise InputError("settings.normalisation", f"must be 'auto', 'ct' or 'mr', got {out['normalisation']!r}")
+    if not _is_int(out["max_voxels"]) or out["max_voxels"] < 1:
+        raise InputError("settings.max_voxels", f"must be a positive integer, got {out['max_voxels']!r}")
     stats = out["ct_stats"]
     if stats is not None:
         keys = ("mean", "std", "p005", "p995")
@@ -272,6 +282,47 @@ class _BackgroundWriter:
             sys.setswitchinterval(self._switch_interval)
 
 
+def _mm(spacing: Sequence[float]) -> str:
+    return "x".join(f"{float(v):.4g}" for v in spacing)
+
+
+def _shape_text(case: ValidatedCase) -> str:
+    return f"{'x'.join(str(s) for s in case.shape)} voxels at {_mm(canonical_spacing(case.affine))} mm"
+
+
+def _check_sizes(
+    ds: Dataset, cases: Sequence[ValidatedCase], spacings: Sequence[Sequence[float]], target: Sequence[float],
+    max_voxels: int,
+) -> None:
+    """Refuse cases whose resampled volume would exceed ``max_voxels``; warn about size/spacing outliers."""
+    resampled = [
+        math.prod(c.shape) * math.prod(sp) / math.prod(target) for c, sp in zip(cases, spacings, strict=True)
+    ]
+    too_big = [
+        f"  {c.image}: {_shape_text(c)} would become ~{n / 1e6:.0f} M voxels at {_mm(target)} mm "
+        f"(limit {max_voxels / 1e6:.0f} M)"
+        for c, n in zip(cases, resampled, strict=True) if n > max_voxels
+    ]
+    if too_big:
+        raise InputError(ds.root, f"{len(too_big)} case(s) too large once resampled (a wrong spacing in the "
+                                  f"header? else raise preprocess.max_voxels):\n" + "\n".join(too_big))
+    median_size = float(np.median(resampled))
+    median_sp = np.median(np.asarray(spacings, dtype=np.float64), axis=0)
+    for c, n, sp in zip(cases, resampled, spacings, strict=True):
+        ratio = float(np.max(np.maximum(np.asarray(sp) / median_sp, median_sp / np.asarray(sp))))
+        if n > OUTLIER_FACTOR * median_size or ratio > OUTLIER_FACTOR:
+            print(f"warning: {c.image}: {_shape_text(c)}, {ratio:.1f}x the dataset's median spacing "
+                  f"{_mm(median_sp)} mm, {n / median_size:.1f}x its median resampled size: check its header",
+                  file=sys.stderr)
+
+
+def _check_foreground(ds: Dataset, cases: Sequence[ValidatedCase], label_map: Mapping[int, int]) -> None:
+    """Refuse a task none of whose label volumes holds any of its labels: there is nothing to learn."""
+    if not any(set(c.label_values) & set(label_map) for c in cases):
+        raise InputError(ds.root, f"every label volume is empty for this task's labels {sorted(label_map)} "
+                                  f"({len(cases)} cases): nothing to segment")
+
+
 def _preprocess_one(
     case: ValidatedCase,
     writer: _BackgroundWriter,
@@ -283,17 +334,21 @@ def _preprocess_one(
     label_map: Mapping[int, int] | None,
     num_classes: int | None,
 ) -> dict[str, Any]:
-    """Preprocess one validated case, hand its arrays to ``writer`` and return its manifest row."""
+    """Preprocess one validated case, hand its arrays to ``writer`` (into the folder ``out``) and return
+    its manifest row."""
     image, raw = _load_image(case)
     label = _load_label(case) if case.label is not None else None  # None: an unlabelled reading
     # the statistics first, so that their float64 copy of the foreground is gone before the volume work
     stats = foreground_stats(raw, label > 0 if label is not None else None)
     array, seg, geometry = preprocess_case(image, label, target, norm, ct_stats, label_map)
     del image, raw, label
-    writer.write(array, out / "cases" / f"{case.case_id}.npy")
+    if not np.isfinite(array).all():  # validation rules this out; never hand Inf/NaN to training
+        raise InputError(case.image, f"preprocessing produced {int(np.count_nonzero(~np.isfinite(array)))} "
+                                     f"non-finite voxels ({norm} normalisation)")
+    writer.write(array, out / f"{case.case_id}.npy")
     counts = None
     if seg is not None:
-        writer.write(seg, out / "cases" / f"{case.case_id}_seg.npy")
+        writer.write(seg, out / f"{case.case_id}_seg.npy")
         assert num_classes is not None
         counts = class_counts(seg, num_classes)
     return {
@@ -337,12 +392,15 @@ def run(dataset: Path, out: Path, settings: Mapping[str, Any]) -> None:
     norm = cfg["normalisation"]
     if norm == "auto":
         norm = normalisation_for_modality(ds.modality)
-    target = cfg["target_spacing"] or median_spacing([canonical_spacing(c.affine) for c in cases])
+    spacings = [canonical_spacing(c.affine) for c in cases]
+    target = cfg["target_spacing"] or median_spacing(spacings)
+    _check_sizes(ds, cases, spacings, target, cfg["max_voxels"])
 
     if labelled:
         labels = dataset_labels(ds, cases)
         label_map: dict[int, int] | None = _label_map(ds, labels, cfg["labels"])
         num_classes: int | None = len(label_map) + 1
+        _check_foreground(ds, cases, label_map)
         split = split_cases([c.case_id for c in cases], seed, cfg["split"]["val"], cfg["split"]["test"])
     else:
         labels, label_map, num_classes = {}, None, None
@@ -356,12 +414,23 @@ def run(dataset: Path, out: Path, settings: Mapping[str, Any]) -> None:
             )
         ct_stats = _dataset_ct_stats([c for c in cases if split[c.case_id] == "train"], seed)
 
-    rows = []
-    with _BackgroundWriter() as writer:
-        for case in tqdm(cases, desc=f"preprocess {ds.name}", mininterval=2):
-            rows.append(
-                _preprocess_one(case, writer, out, split, target, norm, ct_stats, label_map, num_classes)
-            )
+    def write_cases(folder: Path) -> list[dict[str, Any]]:
+        rows = []
+        with _BackgroundWriter() as writer:
+            for case in tqdm(cases, desc=f"preprocess {ds.name}", mininterval=2):
+                try:
+                    rows.append(
+                        _preprocess_one(case, writer, folder, split, target, norm, ct_stats, label_map, num_classes)
+                    )
+                except MemoryError as err:
+                    raise InputError(case.image, f"ran out of memory resampling it to {_mm(target)} mm "
+                                                 f"({_shape_text(case)}): {err}") from None
+        return rows
+
+    # the cases are written into a sibling folder swapped in at the end, so a refused or killed
+    # run (also one started by hand) leaves no partial output
+    out.mkdir(parents=True, exist_ok=True)
+    rows = build_folder(out / "cases", write_cases)
 
     inputs: dict[str, str] = {}
     inputs: dict[str, str] = {}

@@ -217,6 +217,26 @@ def test_inbox_annotations_are_validated_like_any_input(task: dict, tmp_path: Pa
     assert not (tmp_path / "labelled").exists()
 
 
+def test_inbox_label_of_another_size_is_refused_from_its_header(task: dict, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import stages.annotate as stage
+
+    train = task["train"]
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    # tiny on disk, 64 MB decoded: its voxels must never be read
+    nib.save(nib.Nifti1Image(np.zeros((400, 400, 400), np.uint8), AFFINE), str(inbox / f"{train[0]}.nii.gz"))
+    read = []
+    real = stage.read_label_array
+    monkeypatch.setattr(stage, "read_label_array", lambda path, *a, **k: read.append(path) or real(path, *a, **k))
+    with pytest.raises(InputError) as err:
+        run(_query(tmp_path / "q.parquet", train[:1], train), task["data"], tmp_path / "labelled",
+            {"mode": "inbox"}, inbox=inbox)
+    assert "label shape (400, 400, 400) (from its header) differs from the image's (11, 12, 9)" in str(err.value)
+    assert read == []
+    assert not (tmp_path / "labelled").exists()
+
+
 def test_inbox_mode_needs_the_inbox(task: dict, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="--inbox"):
         run(_query(tmp_path / "q.parquet", task["train"][:1], task["train"]), task["data"], tmp_path / "o",

@@ -123,7 +123,7 @@ def test_float_labels_and_singleton_4d_are_accepted(tmp_path: Path) -> None:
 
 def test_unlabelled_reads_test_and_training_images(tmp_path: Path) -> None:
     make_case(tmp_path, "tr1")
-    _save(np.ones(SHAPE, np.float32), tmp_path / "imagesTs" / "ts1.nii.gz")
+    _save(np.arange(np.prod(SHAPE), dtype=np.float32).reshape(SHAPE), tmp_path / "imagesTs" / "ts1.nii.gz")
     write_json(tmp_path, ["tr1"], test=["./imagesTs/ts1.nii.gz"], numTest=1)
     ds = read_dataset(tmp_path, labelled=False)
     assert [(c.case_id, c.label) for c in ds.cases] == [("tr1", None), ("ts1", None)]

@@ -251,7 +251,7 @@ def test_bad_settings_are_refused_before_writing(tmp_path: Path, settings: dict[
 def test_resolve_settings_fills_defaults() -> None:
     assert resolve_settings({"split": {"val": 0.1}}) == {
         "labelled": True, "labels": None, "seed": 0, "split": {"val": 0.1, "test": 0.2},
-        "target_spacing": None, "normalisation": "auto", "ct_stats": None,
+        "target_spacing": None, "normalisation": "auto", "ct_stats": None, "max_voxels": 100_000_000,
     }
 
 

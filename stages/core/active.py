@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ import numpy as np
 from scipy.special import entr
 
 from stages.core.errors import InputError
-from stages.core.io import atomic_path
+from stages.core.io import atomic_path, build_folder  # noqa: F401  (build_folder: used by the ASSFT stages)
 
 __all__ = [
     "IMAGE_LINK_MODES",
@@ -479,38 +478,3 @@ def link_file(source: Path, target: Path, mode: str = "symlink") -> None:
         tmp.unlink()
     os.symlink(relative, tmp)
     os.replace(tmp, target)
-
-
-def build_folder(out: Path, build: Callable[[Path], Any]) -> Any:
-    """Fill a fresh temporary sibling of ``out`` with ``build(tmp)``, then swap it in place of ``out``.
-
-    Whatever ``out`` held before is removed, so the folder holds exactly what this run wrote; if
-    ``build`` raises, ``out`` is left as it was. The sibling sits in the same parent, so relative
-    symlinks made inside it stay valid after the rename.
-
-    Args:
-        out: the folder to (re)create.
-        build: writes the folder's content into the path it is given; its return value is returned.
-    """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    try:
-        result = build(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.is_symlink() or out.is_file():
-        out.unlink()
-    elif out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        os.rmdir(old)
-        os.rename(out, old)
-    os.rename(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,11 @@ def validate_config(
                 message = f"unknown key ({err.message})"
             raise InputError(f"{source}: {_key(err.absolute_path)}", message)
 
+    _refuse_non_finite(config, source)
     names = [t["name"] for t in config["tasks"]]
+    for i, name in enumerate(names):
+        if name in RESERVED_TASK_NAMES:
+            raise InputError(f"{source}: tasks[{i}].name", f"{name!r} is reserved (the multi-task step's name); rename the task")
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise InputError(f"{source}: tasks", f"duplicate task names {dupes}")
@@ -95,6 +100,8 @@ def validate_config(
             p = Path(path).resolve()
             if not (p / "dataset.json").is_file() and not (p / "imagesTr").is_dir():
                 raise InputError(f"{source}: {key}", f"{path!r} is not an MSD dataset folder (no dataset.json, no imagesTr/)")
+        for i, task in enumerate(config["tasks"]):
+            _check_task_dataset(config, i, task, source)
         ckpt = config["foundation"]["checkpoint"]
         if ckpt and not Path(ckpt).is_file():
             raise InputError(f"{source}: foundation.checkpoint", f"{ckpt!r} does not exist")
@@ -113,6 +120,52 @@ def validate_config(
     if not config["order"]:
         config["order"] = [n for n in names if n not in config["unseen"]]
     return config
+
+
+#: task names the workflow uses for itself (``all`` is the multi-task step of the BWT matrix)
+RESERVED_TASK_NAMES = frozenset({"all"})
+
+
+def _refuse_non_finite(node: Any, source: str, path: tuple[Any, ...] = ()) -> None:
+    """Refuse NaN/Inf anywhere: JSON Schema's bounds let ``.nan`` through (every comparison is false)."""
+    if isinstance(node, float) and not math.isfinite(node):
+        raise InputError(f"{source}: {_key(path)}", f"must be a finite number, got {node!r}")
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            _refuse_non_finite(value, source, (*path, key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            _refuse_non_finite(value, source, (*path, index))
+
+
+def _check_task_dataset(config: Mapping[str, Any], index: int, task: Mapping[str, Any], source: str) -> None:
+    """Before any job: the task's labels are declared, its entries stay in its folder, its split has test cases."""
+    split = config["preprocess"]["split"]
+    key = f"{source}: tasks[{index}]"
+    if _made_by_demo(task["dataset"], config):
+        n, origin = int(config["demo"]["cases_per_task"]), "demo.cases_per_task"
+    else:
+        from stages.core.msd import OUTSIDE_FOLDER, read_dataset  # nibabel only where a real dataset is read
+
+        dataset = read_dataset(Path(task["dataset"]), labelled=True)
+        outside = [problem for _, problem in dataset.problems if OUTSIDE_FOLDER in problem]
+        if outside:
+            raise InputError(f"{task['dataset']}/dataset.json", "; ".join(outside))
+        wanted = task.get("labels")
+        if wanted and dataset.labels_declared:
+            unknown = [v for v in wanted if v not in dataset.labels or v == 0]
+            if unknown:
+                declared = {k: v for k, v in sorted(dataset.labels.items()) if k != 0}
+                raise InputError(
+                    f"{key}.labels", f"label values {unknown} are not declared by {task['dataset']}/dataset.json "
+                    f"(its labels: {declared})")
+        n, origin = len(dataset.cases), task["dataset"]
+    n_train, n_val, n_test = split_counts(n, split["val"], split["test"])
+    if n_test == 0:
+        raise InputError(
+            f"{source}: preprocess.split.test",
+            f"task {task['name']!r} has {n} cases ({origin}): a test fraction of {split['test']} leaves it no "
+            f"test case, so it could not be evaluated; raise preprocess.split.test or add cases")
 
 
 def _made_by_demo(path: str, config: Mapping[str, Any]) -> bool:

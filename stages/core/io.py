@@ -12,8 +12,9 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import numpy as np
 __all__ = [
     "PROVENANCE_KEY",
     "atomic_path",
+    "build_folder",
     "canonical_json",
     "config_hash",
     "make_provenance",
@@ -221,3 +223,38 @@ def load_safetensors(path: str | os.PathLike[str]) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+def build_folder(out: Path, build: Callable[[Path], Any]) -> Any:
+    """Fill a fresh temporary sibling of ``out`` with ``build(tmp)``, then swap it in place of ``out``.
+
+    Whatever ``out`` held before is removed, so the folder holds exactly what this run wrote; if
+    ``build`` raises, ``out`` is left as it was. The sibling sits in the same parent, so relative
+    symlinks made inside it stay valid after the rename.
+
+    Args:
+        out: the folder to (re)create.
+        build: writes the folder's content into the path it is given; its return value is returned.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    try:
+        result = build(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.is_symlink() or out.is_file():
+        out.unlink()
+    elif out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        os.rmdir(old)
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return result

@@ -174,6 +174,10 @@ def _parse_labels(raw: Any, where: str, problems: list[tuple[str, str]]) -> dict
     return labels
 
 
+#: how an entry of dataset.json that leaves its folder is reported (the config check looks for it)
+OUTSIDE_FOLDER = "points outside the dataset folder"
+
+
 def _entry_path(root: Path, entry: Any, where: str, problems: list[tuple[str, str]]) -> Path | None:
     # ``where`` is the entry's place in dataset.json (``training[3].image``): a malformed entry is a
     # problem of that file, so the message names the file and the entry
@@ -181,10 +185,27 @@ def _entry_path(root: Path, entry: Any, where: str, problems: list[tuple[str, st
         problems.append((str(root / "dataset.json"), f"{where}: expected a path to a .nii.gz file, got {entry!r}"))
         return None
     path = root / entry
+    if not _inside(entry):
+        # MSD paths are relative to the dataset folder; one that leaves it reads a file nobody
+        # audits with the dataset (and that a container, which mounts only this folder, cannot see)
+        problems.append((str(root / "dataset.json"), f"{where}: {entry!r} {OUTSIDE_FOLDER} {root}"))
+        return None
     if not path.is_file():
         problems.append((str(path), f"listed in dataset.json ({where}) but the file does not exist"))
         return None
     return path
+
+
+def _inside(entry: str) -> bool:
+    """Whether a ``dataset.json`` path stays inside the dataset folder: relative, and no ``..`` leaves it.
+
+    Decided on the text alone: files inside the folder may be symlinks to elsewhere (ASSFT's labelled
+    folders link the original images), which is fine.
+    """
+    if Path(entry).is_absolute():
+        return False
+    parts = Path(os.path.normpath(entry)).parts
+    return bool(parts) and parts[0] != ".."
 
 
 def _add_case(cases: dict[str, Case], case: Case, problems: list[tuple[str, str]]) -> None:
@@ -553,15 +574,50 @@ def _image_problems(
     except InputError as err:
         return None, None, [(err.where, err.problem)]
     problems = []
+    where = str(case.image)
     if data.dtype.kind == "f":
         bad = int(np.count_nonzero(~np.isfinite(data)))
         if bad:
             n_nan = int(np.count_nonzero(np.isnan(data)))
-            problems.append((str(case.image), f"{bad} non-finite voxels ({n_nan} NaN, {bad - n_nan} Inf)"))
+            problems.append((where, f"{bad} non-finite voxels ({n_nan} NaN, {bad - n_nan} Inf)"))
+    if not problems:
+        problems += _intensity_problems(where, img, data)
+    spacing = np.sqrt((np.asarray(img.affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+    if np.all(np.isfinite(spacing)) and (spacing.min() < MIN_SPACING_MM or spacing.max() > MAX_SPACING_MM):
+        problems.append((where, f"implausible voxel spacing {_mm(spacing)} mm in the header (expected "
+                                f"{MIN_SPACING_MM:g} to {MAX_SPACING_MM:g} mm per axis): check its affine / pixdim"))
     # without scl_slope/scl_inter nibabel's scaled read returns the stored array itself
     if img.dataobj.slope == 1 and img.dataobj.inter == 0:
         _keep(keep, "image", data, budget)
     return img, tuple(int(s) for s in data.shape), problems
+
+
+#: voxel sizes outside this range (mm) are a broken header, not an image: 1 um to 10 cm
+MIN_SPACING_MM, MAX_SPACING_MM = 1e-3, 100.0
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _mm(spacing: Any) -> str:
+    return "x".join(f"{float(v):.4g}" for v in spacing)
+
+
+def _intensity_problems(where: str, img: nib.Nifti1Image, data: np.ndarray) -> list[tuple[str, str]]:
+    """Values preprocessing cannot use: beyond float32 once the header's scaling is applied, or constant."""
+    low, high = float(np.min(data)), float(np.max(data))
+    slope, inter = img.dataobj.slope, img.dataobj.inter
+    slope = 1.0 if slope is None or not np.isfinite(slope) else float(slope)
+    inter = 0.0 if inter is None or not np.isfinite(inter) else float(inter)
+    with np.errstate(over="ignore", invalid="ignore"):
+        ends = np.array([low, high], dtype=np.float64) * slope + inter
+    biggest = float(np.max(np.abs(ends)))
+    if not np.isfinite(biggest) or biggest > _FLOAT32_MAX:
+        scaling = f" (stored {low:.4g} to {high:.4g}, scl_slope {slope:g}, scl_inter {inter:g})" if (
+            slope != 1.0 or inter != 0.0) else ""
+        return [(where, f"intensities reach {biggest:.4g}{scaling}, beyond float32's range "
+                        f"({_FLOAT32_MAX:.4g}): preprocessing would turn the volume into Inf/NaN")]
+    if low == high:
+        return [(where, f"constant image (every voxel is {low * slope + inter:g}): nothing to segment or learn from")]
+    return []
 
 
 def _keep(keep: dict[str, np.ndarray], key: str, data: np.ndarray, budget: list[int]) -> None:

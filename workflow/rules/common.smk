@@ -375,6 +375,7 @@ def preprocess_settings(task=None):
         "split": config["preprocess"]["split"],
         "target_spacing": config["preprocess"]["target_spacing"],
         "normalisation": config["preprocess"]["normalisation"],
+        "max_voxels": config["preprocess"]["max_voxels"],
     }
     if task is None:
         return settings({**common, "labelled": False, "labels": None})
