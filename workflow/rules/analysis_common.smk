@@ -96,8 +96,8 @@ def get_drift_model_files():
 
 def drift_model_args():
     """METHOD:STEP:FOLDER:START_FOLDER per model (START_FOLDER: where its training began)."""
-    return " ".join(
-        f"{m}:{s}:{model_dir(m, s)}:{start_model(m, s)}" for m, s in drift_models()
+    return shell_args(
+        *(f"{m}:{s}:{model_dir(m, s)}:{start_model(m, s)}" for m, s in drift_models())
     )
 
 

@@ -1,6 +1,7 @@
 # Helpers shared by all .smk files - config validation, the method registry, settings for each step,
 # and input functions. Rules only wire files; the science is in the stages package.
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -65,6 +66,11 @@ LAST_ROUND = ASSFT["rounds"] - 1
 SEMI = [m for m in ASSFT["semi"] if m != "none"]
 
 
+def shell_args(*args):
+    """``args`` as one shell-quoted string: a flag and a path that may hold spaces, quotes or ``$(...)``."""
+    return " ".join(shlex.quote(str(a)) for a in args)
+
+
 def alternatives(names):
     """A wildcard pattern matching exactly these names (or nothing)."""
     return "|".join(names) or "__none__"
@@ -120,10 +126,10 @@ def input_dir(name):
 
 
 def input_dirs(name):
-    """A params function: the folders of the named input files, space-separated."""
+    """A params function: the folders of the named input files, each shell-quoted, space-separated."""
 
     def get(wildcards, input):
-        return " ".join(str(Path(f).parent) for f in as_list(getattr(input, name)))
+        return shell_args(*(Path(f).parent for f in as_list(getattr(input, name))))
 
     return get
 
@@ -167,7 +173,7 @@ def get_pool_dataset(wildcards):
 
 def get_import_pool_arg(wildcards, input):
     pool = as_list(input.pool)
-    return f"--pool {Path(pool[0]).parent}" if pool else ""
+    return shell_args("--pool", Path(pool[0]).parent) if pool else ""
 
 
 def previous_model(method, step):
@@ -217,9 +223,11 @@ def get_buffer_manifests(wildcards):
 
 def get_buffer_args(wildcards, input):
     """BUFFER_PARQUET:DATA_FOLDER pairs, in task order."""
-    return " ".join(
-        f"{table}:{Path(manifest).parent}"
-        for table, manifest in zip(input.buffers, input.buffer_data)
+    return shell_args(
+        *(
+            f"{table}:{Path(manifest).parent}"
+            for table, manifest in zip(input.buffers, input.buffer_data)
+        )
     )
 
 
@@ -233,7 +241,7 @@ def get_teacher_file(wildcards):
 
 def get_teacher_arg(wildcards, input):
     teacher = as_list(input.teacher)
-    return f"--teacher {Path(teacher[0]).parent}" if teacher else ""
+    return shell_args("--teacher", Path(teacher[0]).parent) if teacher else ""
 
 
 def eval_tasks(method, step):
@@ -287,17 +295,17 @@ def get_previous_round_model(wildcards):
 
 def get_labelled_arg(wildcards, input):
     previous = as_list(input.previous)
-    return f"--labelled {previous[0]}" if previous else ""
+    return shell_args("--labelled", previous[0]) if previous else ""
 
 
 def get_previous_arg(wildcards, input):
     previous = as_list(input.previous)
-    return f"--previous {previous[0]}" if previous else ""
+    return shell_args("--previous", previous[0]) if previous else ""
 
 
 def get_round_model_arg(wildcards, input):
     model = as_list(input.model)
-    return f"--model {Path(model[0]).parent}" if model else ""
+    return shell_args("--model", Path(model[0]).parent) if model else ""
 
 
 def get_query_settings(wildcards):
@@ -320,7 +328,9 @@ def get_query_settings(wildcards):
 
 
 def get_inbox_arg(wildcards):
-    return f"--inbox {ASSFT['inbox']}" if ASSFT["annotation"] == "inbox" else ""
+    return (
+        shell_args("--inbox", ASSFT["inbox"]) if ASSFT["annotation"] == "inbox" else ""
+    )
 
 
 def get_pseudo_settings(wildcards):
@@ -577,8 +587,11 @@ def get_overlay_manifests():
 
 def overlay_args():
     """TASK:STEP:PREDICTIONS_DIR:DATA_DIR per overlay: the folders of the two input lists above."""
-    return " ".join(
-        f"{t}:{s}:{overlay_predictions(s)}:{data_dir(t)}" for t, s in overlay_models()
+    return shell_args(
+        *(
+            f"{t}:{s}:{overlay_predictions(s)}:{data_dir(t)}"
+            for t, s in overlay_models()
+        )
     )
 
 

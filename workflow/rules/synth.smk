@@ -31,4 +31,4 @@ if config["demo"]["enabled"]:
                 }
             ),
         shell:
-            "python -m stages.synth --out {params.out} --settings {params.settings:q} > {log} 2>&1"
+            "python -m stages.synth --out {params.out:q} --settings {params.settings:q} > {log} 2>&1"
