@@ -48,7 +48,13 @@ def closure(requirements: list[Requirement]) -> dict[str, str]:
         name = canonicalize_name(req.name)
         if name in pins:
             continue
-        dist = md.distribution(req.name)
+        try:
+            dist = md.distribution(req.name)
+        except md.PackageNotFoundError:
+            raise SystemExit(
+                f"{req.name} is not installed here: the lock is the closure of the dependencies and every "
+                "extra; install them first (pip install -c requirements.lock -e '.[test,docker,slurm]')"
+            ) from None
         pins[name] = dist.version.split("+")[0]
         envs = [{"extra": e} for e in sorted(req.extras)] or [{"extra": ""}]
         for spec in dist.requires or []:
