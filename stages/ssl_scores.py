@@ -34,7 +34,7 @@ def run(model_dir: Path, data: Path, out: Path, settings: dict[str, Any]) -> Non
 
     ``scorer`` is ``ssl`` or ``feature_fallback``. Reliability of the SSL score: ``sem`` is the standard
     error of a case's mean over its R passes, ``half_a``/``half_b`` the means of its even and odd
-    passes, ``split_half_r`` the Spearman-Brown split-half reliability over the task's cases (the
+    passes, ``split_half_r`` the Spearman-Brown split-half reliability of the case ranks (the
     provenance also carries the raw Pearson and Spearman half-vs-half correlations). The feature
     fallback is deterministic: sem 0, halves NaN, split_half_r NaN.
 

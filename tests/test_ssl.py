@@ -287,6 +287,11 @@ def test_split_half_reliability_known_values() -> None:
     half = split_half_reliability(a, b)
     assert half["pearson"] == pytest.approx(0.6) and half["spearman"] == pytest.approx(0.6)
     assert half["reliability"] == pytest.approx(2 * 0.6 / 1.6)
+    # one outlier carries the Pearson r; the ranks of the rest disagree: reliability follows the ranks
+    c, d = np.array([1.0, 2.0, 3.0, 4.0, 50.0]), np.array([4.0, 3.0, 2.0, 1.0, 50.0])
+    skew = split_half_reliability(c, d)
+    assert skew["pearson"] > 0.99 and skew["spearman"] == pytest.approx(0.0, abs=1e-12)
+    assert skew["reliability"] == pytest.approx(0.0, abs=1e-12)
     assert np.isnan(split_half_reliability(a[:2], b[:2])["reliability"])  # too few cases
     assert np.isnan(split_half_reliability(a, np.ones(4))["pearson"])  # a constant half
 
