@@ -13,12 +13,25 @@ baselines of ``methods.md`` §2), chosen by name with their own settings under `
   ``epistemic_entropy`` by default, BALD's mutual information as an option).
 - ``coreset`` — k-centre greedy on the pooled M0 features (Sener & Savarese, ICLR 2018).
 - ``random`` — uniform, seeded by (seed, round); run several seeds as separate jobs.
+- ``fg_random`` — nnActive's foreground-aware random (Lüth et al., TMLR 2025) on whole cases: each
+  draw is, with probability ``share`` (1/3 as in nnActive's "33 % foreground" random), a case drawn in
+  proportion to its predicted foreground and otherwise a uniform case; weighted sampling without
+  replacement from the same seeded uniforms as ``random``. The foreground comes from the previous
+  round's model (pool labels are unknown); at round 0 no model has a head for the target, so the draw
+  is uniform and identical to ``random``'s with the same seed (``fallback = "random"``).
 
 Strategies that need a target model (``dkd_asd``, ``asd``, ``entropy``, ``mc_dropout``) fall back to
-DKD at round 0, where no target head exists yet, and the table's ``fallback`` column says so. Every
+DKD at round 0, where no target head exists yet (``fg_random`` to uniform random), and the table's
+``fallback`` column says so. Every
 strategy picks greedily, highest score first; exact ties go to the candidate farther from the
 labelled-or-picked set (cosine d), then to the smaller case id. DKD's k and d are recorded for every
 strategy, so the tables of all strategies can be compared on the same terms.
+
+DKD's knowledge gap k (``dkd_knowledge``): ``winsorised`` (default) clips M0's SSL loss at its
+``dkd_winsor_quantile`` over the round's candidates before ranking, so the first pick (where the
+diversity term is 1 for everyone) is not the single most extreme, outlier-prone loss: the top tenth
+share the top rank and ties go to the larger distance, then to the smaller raw loss; ``rank`` ranks
+the raw loss (the earlier behaviour). The table keeps the raw ``k`` and the ``k_used``.
 
 Output: ``query.parquet``, one row per candidate with every component score (the values at the step
 it was picked, or after the last pick for the others), the combined ``score``, ``picked``,
@@ -47,12 +60,15 @@ from stages.core.active import (
     asd_score,
     coreset_step,
     dkd_terms,
+    foreground_weights,
     greedy_select,
     mc_dropout_scores,
     mean_entropy,
     read_case_column,
     read_features,
     scaled_rank,
+    weighted_random_keys,
+    winsorise,
 )
 from stages.core.errors import InputError, run_cli
 from stages.core.inference import mc_dropout_probabilities, predict_probabilities, resolve_device
@@ -68,6 +84,7 @@ __all__ = [
     "DkdAsdSettings",
     "DkdSettings",
     "EntropySettings",
+    "FgRandomSettings",
     "McDropoutSettings",
     "QueryContext",
     "RandomSettings",
@@ -84,8 +101,10 @@ log = logging.getLogger("stages.query_round")
 DEFAULT_SETTINGS: dict[str, Any] = {
     "strategy": "dkd_asd",  # a key of STRATEGIES
     "budget": 2,  # cases picked this round (all remaining ones if fewer are left)
-    "seed": 0,  # random strategy; MC-dropout masks
+    "seed": 0,  # random strategies; MC-dropout masks
     "options": {},  # the strategy's settings (see its dataclass)
+    "dkd_knowledge": "winsorised",  # DKD's k: "winsorised" (clipped at dkd_winsor_quantile) or "rank" (raw)
+    "dkd_winsor_quantile": 0.9,  # the quantile of k over the round's candidates where it is clipped
     "patch_size": None,  # sliding-window size for the model's predictions (needed with a model)
     "overlap": 0.5,  # sliding-window overlap (methods.md)
     "sw_batch_size": 4,  # windows per forward pass
@@ -129,6 +148,21 @@ class EntropySettings:
 @dataclass(frozen=True)
 class RandomSettings:
     """Uniform random picks; the draw is seeded by the job's ``seed`` and the round."""
+
+
+@dataclass(frozen=True)
+class FgRandomSettings:
+    """Foreground-aware random (nnActive), see :func:`stages.core.active.foreground_weights`.
+
+    Attributes:
+        share: fraction of draws aimed at foreground, in [0, 1] (nnActive's "33 % foreground" random: 1/3).
+    """
+
+    share: float = 1.0 / 3.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.share, bool) or not isinstance(self.share, (int, float)) or not 0.0 <= self.share <= 1.0:
+            raise InputError("settings.options.share", f"must be a number in [0, 1], got {self.share!r}")
 
 
 @dataclass(frozen=True)
@@ -182,9 +216,11 @@ class QueryContext:
         features: (n, D) pooled M0 features of the candidates.
         labelled_features: (m, D) pooled M0 features of the labelled cases.
         model_scores: per-candidate arrays from the previous round's model (``asd``, ``entropy``,
-            ``mc_entropy``, ``mc_mutual_info``), or None without a model.
+            ``mc_entropy``, ``mc_mutual_info``; ``fg_volume`` (n, foreground classes), the soft
+            predicted volume), or None without a model.
         seed: the job's seed.
         round: the query round.
+        k_raw: (n,) the unclipped knowledge gap when ``k`` is winsorised (DKD's tie-break), else None.
     """
 
     cases: list[str]
@@ -194,11 +230,13 @@ class QueryContext:
     model_scores: dict[str, np.ndarray] | None
     seed: int
     round: int
+    k_raw: np.ndarray | None = None
 
 
 def _dkd(ctx: QueryContext, remaining: np.ndarray, picked: np.ndarray) -> dict[str, np.ndarray]:
     reference = np.concatenate([ctx.labelled_features, ctx.features[picked]]) if picked.size else ctx.labelled_features
-    return dkd_terms(ctx.k[remaining], ctx.features[remaining], reference)
+    k_raw = None if ctx.k_raw is None else ctx.k_raw[remaining]
+    return dkd_terms(ctx.k[remaining], ctx.features[remaining], reference, k_raw)
 
 
 def _dkd_step(ctx: QueryContext, cfg: Any) -> StepScores:
@@ -248,9 +286,28 @@ def _mc_step(ctx: QueryContext, cfg: McDropoutSettings) -> StepScores:
     return _static_step(ctx.model_scores[key], ctx)
 
 
+def _uniforms(ctx: QueryContext) -> np.ndarray:
+    """The seeded uniforms of the random strategies: one per candidate, from (seed, round) alone."""
+    return np.random.default_rng([ctx.seed, ctx.round]).random(len(ctx.cases))
+
+
 def _random_step(ctx: QueryContext, cfg: Any) -> StepScores:
-    keys = np.random.default_rng([ctx.seed, ctx.round]).random(len(ctx.cases))
-    return _static_step(keys, ctx, extra="random_key")
+    return _static_step(_uniforms(ctx), ctx, extra="random_key")
+
+
+def _fg_random_step(ctx: QueryContext, cfg: FgRandomSettings) -> StepScores:
+    assert ctx.model_scores is not None
+    u = _uniforms(ctx)
+    weights, share = foreground_weights(ctx.model_scores["fg_volume"], cfg.share)
+    keys = weighted_random_keys(u, weights)
+
+    def step(remaining: np.ndarray, picked: np.ndarray) -> dict[str, np.ndarray]:
+        terms = _dkd(ctx, remaining, picked)
+        terms.update(score=keys[remaining], random_key=u[remaining], fg_share=share[remaining],
+                     fg_weight=weights[remaining])
+        return terms
+
+    return step
 
 
 def _coreset_step(ctx: QueryContext, cfg: CoresetSettings) -> StepScores:
@@ -273,12 +330,14 @@ class Strategy:
         needs_model: scores come from the previous round's model (DKD fallback at round 0).
         mc: also needs the Monte-Carlo dropout passes.
         step: builds the greedy step function from the context and the settings.
+        fallback: what a model-based strategy does without a model (round 0): ``dkd`` or ``random``.
     """
 
     settings: type
     needs_model: bool
     mc: bool
     step: Callable[[QueryContext, Any], StepScores]
+    fallback: str = "dkd"
 
 
 STRATEGIES: dict[str, Strategy] = {
@@ -289,7 +348,10 @@ STRATEGIES: dict[str, Strategy] = {
     "mc_dropout": Strategy(McDropoutSettings, True, True, _mc_step),
     "coreset": Strategy(CoresetSettings, False, False, _coreset_step),
     "random": Strategy(RandomSettings, False, False, _random_step),
+    "fg_random": Strategy(FgRandomSettings, True, False, _fg_random_step, fallback="random"),
 }
+
+DKD_KNOWLEDGE = ("winsorised", "rank")
 
 
 def resolve_settings(settings: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
@@ -308,6 +370,11 @@ def resolve_settings(settings: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
         raise InputError("settings.budget", f"must be an integer >= 1, got {cfg['budget']!r}")
     if isinstance(cfg["seed"], bool) or not isinstance(cfg["seed"], int):
         raise InputError("settings.seed", f"must be an integer, got {cfg['seed']!r}")
+    if cfg["dkd_knowledge"] not in DKD_KNOWLEDGE:
+        raise InputError("settings.dkd_knowledge", f"must be one of {list(DKD_KNOWLEDGE)}, got {cfg['dkd_knowledge']!r}")
+    q = cfg["dkd_winsor_quantile"]
+    if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 < q <= 1.0:
+        raise InputError("settings.dkd_winsor_quantile", f"must be a number in (0, 1], got {q!r}")
     options = cfg["options"] or {}
     if not isinstance(options, Mapping):
         raise InputError("settings.options", f"must be an object, got {options!r}")
@@ -328,12 +395,14 @@ def query(
     """Pick ``budget`` candidates of ``ctx`` with ``strategy``.
 
     Returns ``(pick order as candidate indices, per-candidate columns, fallback)`` where ``fallback``
-    is ``"dkd"`` when a model-based strategy had no model (round 0) and None otherwise.
+    is the strategy's fallback (``"dkd"``, or ``"random"`` for ``fg_random``) when a model-based
+    strategy had no model (round 0) and None otherwise.
     """
     spec = STRATEGIES[strategy]
     fallback = None
     if spec.needs_model and ctx.model_scores is None:
-        step, fallback = _dkd_step(ctx, DkdSettings()), "dkd"
+        fallback = spec.fallback
+        step = _random_step(ctx, RandomSettings()) if fallback == "random" else _dkd_step(ctx, DkdSettings())
     else:
         step = spec.step(ctx, options)
     result = greedy_select(len(ctx.cases), budget, step)
@@ -354,6 +423,7 @@ QUERY_SCHEMA = pa.schema(
         ("score", pa.float64()),
         ("k", pa.float64()),
         ("k_scorer", pa.string()),
+        ("k_used", pa.float64()),
         ("k_rank", pa.float64()),
         ("d", pa.float64()),
         ("d_rank", pa.float64()),
@@ -368,6 +438,9 @@ QUERY_SCHEMA = pa.schema(
         ("mc_mutual_info", pa.float64()),
         ("coreset_distance", pa.float64()),
         ("random_key", pa.float64()),
+        ("fg_volume", pa.float64()),
+        ("fg_share", pa.float64()),
+        ("fg_weight", pa.float64()),
     ]
 )
 
@@ -381,7 +454,7 @@ def _floats(values: np.ndarray | None, n: int) -> list[float | None]:
 def _model_scores(
     model_dir: Path, task: str, data: Path, cases: list[str], cfg: dict[str, Any], options: Any, mc: bool
 ) -> dict[str, np.ndarray]:
-    """ASD, entropy (and MC-dropout scores) of every candidate under the previous round's model."""
+    """ASD, entropy, soft foreground volume per class (and MC-dropout scores) of every candidate under the previous round's model."""
     device = resolve_device(cfg["device"])
     model = load_model(model_dir)
     if task not in model.seg_heads:
@@ -390,7 +463,7 @@ def _model_scores(
     model.to(device).eval()
     patch = cfg["patch_size"]
     keys = ("asd", "asd_flag", "asd_tau", "entropy", "mc_entropy", "mc_mutual_info")
-    out: dict[str, list[float]] = {k: [] for k in keys}
+    out: dict[str, list[Any]] = {k: [] for k in (*keys, "fg_volume")}
     for case in tqdm(cases, desc=f"query scores {task}", mininterval=2):
         image = np.load(data / "cases" / f"{case}.npy")  # whole volume: inference reads all of it
         probs = predict_probabilities(model, task, image, patch, cfg["overlap"], cfg["sw_batch_size"], device)
@@ -399,6 +472,7 @@ def _model_scores(
         out["asd_flag"].append(float(flag))
         out["asd_tau"].append(tau)
         out["entropy"].append(mean_entropy(probs))
+        out["fg_volume"].append(np.asarray(probs[1:], dtype=np.float64).sum(axis=(1, 2, 3)))
         if mc:
             generator = torch.Generator().manual_seed(seed_from("mc_dropout", cfg["seed"], case))
             samples = mc_dropout_probabilities(
@@ -492,6 +566,11 @@ def run(
     if not np.all(np.isfinite(k)):
         raise InputError(ssl_scores, "SSL scores contain non-finite values")
     k_scorer = scores.loc[cases, "scorer"].astype(str).tolist()
+    k_raw = None
+    k_cap = None
+    if cfg["dkd_knowledge"] == "winsorised":
+        k_raw = k
+        k, k_cap = winsorise(k, cfg["dkd_winsor_quantile"])
     feats = read_features(features, cases)
     labelled_feats = read_features(features, labelled_cases) if labelled_cases else np.zeros((0, feats.shape[1]))
     if use_model:
@@ -503,7 +582,7 @@ def run(
     model_scores = (
         _model_scores(model_dir, task, data, cases, cfg, options, strategy.mc) if use_model else None
     )
-    ctx = QueryContext(cases, k, feats, labelled_feats, model_scores, cfg["seed"], round_index)
+    ctx = QueryContext(cases, k, feats, labelled_feats, model_scores, cfg["seed"], round_index, k_raw)
     order, columns, fallback = query(ctx, cfg["strategy"], options, cfg["budget"])
 
     n = len(cases)
@@ -521,8 +600,9 @@ def run(
             "picked": [i in pick_order for i in range(n)],
             "pick_order": [pick_order.get(i) for i in range(n)],
             "score": _floats(columns.get("score"), n),
-            "k": _floats(k, n),
+            "k": _floats(k if k_raw is None else k_raw, n),
             "k_scorer": k_scorer,
+            "k_used": _floats(k, n),
             "k_rank": _floats(columns.get("k_rank"), n),
             "d": _floats(columns.get("d"), n),
             "d_rank": _floats(columns.get("d_rank"), n),
@@ -537,6 +617,9 @@ def run(
             "mc_mutual_info": _floats(ms.get("mc_mutual_info"), n),
             "coreset_distance": _floats(columns.get("coreset_distance"), n),
             "random_key": _floats(columns.get("random_key"), n),
+            "fg_volume": _floats(None if "fg_volume" not in ms else ms["fg_volume"].sum(axis=1), n),
+            "fg_share": _floats(columns.get("fg_share"), n),
+            "fg_weight": _floats(columns.get("fg_weight"), n),
         },
         schema=QUERY_SCHEMA,
     )
@@ -547,6 +630,7 @@ def run(
         "query_round", dict(settings), inputs=inputs, seed=cfg["seed"], task=task, round=round_index,
         strategy=cfg["strategy"], options=dataclasses.asdict(options), budget=cfg["budget"], model_id=mid,
         fallback=fallback, k_scorer=sorted(set(k_scorer)), picked=[cases[i] for i in order],
+        dkd_knowledge=cfg["dkd_knowledge"], dkd_winsor_quantile=cfg["dkd_winsor_quantile"], k_cap=k_cap,
         labelled=sorted(labelled_cases),
     )
     write_parquet(table, out, prov)

@@ -70,7 +70,8 @@ def select(scores: pd.DataFrame, settings: BufferSettings) -> pd.DataFrame:
     train = scores[scores["split"] == "train"].reset_index(drop=True)
     k = buffer_size(len(train), settings.fraction, settings.minimum)
     rank = STRATEGIES[settings.strategy](train, k, settings)
-    out = train[["case", "mean", "std", "scorer"]].rename(columns={"mean": "score", "std": "score_std"})
+    keep = ["case", "mean", "std"] + (["sem"] if "sem" in train.columns else []) + ["scorer"]
+    out = train[keep].rename(columns={"mean": "score", "std": "score_std", "sem": "score_sem"})
     out["rank"] = rank.astype(int).to_numpy()
     out["selected"] = out["rank"] <= k
     out["strategy"] = settings.strategy
@@ -78,7 +79,11 @@ def select(scores: pd.DataFrame, settings: BufferSettings) -> pd.DataFrame:
 
 
 def run(scores: Path, task: str, out: Path, settings: dict[str, Any]) -> None:
-    """Write ``out`` (Parquet): case, score, score_std, scorer, rank, selected, strategy, task."""
+    """Write ``out`` (Parquet): case, score, score_std, [score_sem,] scorer, rank, selected, strategy, task.
+
+    ``score_sem`` (the standard error of the SSL score over its R passes) is carried over when the
+    scores table has a ``sem`` column, so a reader can see whether the buffer's margin is real.
+    """
     if not scores.is_file():
         raise InputError(scores, "missing: score the task's cases first (stages.ssl_scores)")
     table = read_parquet(scores)

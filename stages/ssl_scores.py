@@ -22,15 +22,21 @@ from stages.core.errors import InputError, run_cli
 from stages.core.inference import resolve_device
 from stages.core.io import load_safetensors, make_provenance, read_json, read_parquet, write_parquet
 from stages.core.nets import load_model, model_id
-from stages.core.ssl import mahalanobis, pooled_case_feature, score_cases
+from stages.core.ssl import SCORE_COLUMNS, mahalanobis, pooled_case_feature, score_cases
 
 __all__ = ["run", "main"]
 
-COLUMNS = ["case", "split", "mean", "std", "R", "scorer"]
+COLUMNS = ["case", "split", *SCORE_COLUMNS[1:]]
 
 
 def run(model_dir: Path, data: Path, out: Path, settings: dict[str, Any]) -> None:
-    """Write ``out`` (Parquet): case, split, mean, std, R, scorer (``ssl`` or ``feature_fallback``).
+    """Write ``out`` (Parquet): case, split, mean, std, sem, half_a, half_b, split_half_r, R, scorer.
+
+    ``scorer`` is ``ssl`` or ``feature_fallback``. Reliability of the SSL score: ``sem`` is the standard
+    error of a case's mean over its R passes, ``half_a``/``half_b`` the means of its even and odd
+    passes, ``split_half_r`` the Spearman-Brown split-half reliability of the case ranks (the
+    provenance also carries the raw Pearson and Spearman half-vs-half correlations). The feature
+    fallback is deterministic: sem 0, halves NaN, split_half_r NaN.
 
     Args:
         model_dir: the foundation model folder (M0).
@@ -63,11 +69,14 @@ def run(model_dir: Path, data: Path, out: Path, settings: dict[str, Any]) -> Non
         feats = np.stack([pooled_case_feature(model, v, ssl["patch_size"], device=device)
                           for _, v in tqdm(list(volumes), desc="feature fallback", mininterval=2)])
         dist = mahalanobis(feats, stats["mean"].numpy(), stats["cov"].numpy())
-        scores = pd.DataFrame({"case": manifest["case"], "mean": dist, "std": 0.0, "R": 1, "scorer": "feature_fallback"})
+        scores = pd.DataFrame({"case": manifest["case"], "mean": dist, "std": 0.0, "sem": 0.0, "half_a": np.nan,
+                               "half_b": np.nan, "split_half_r": np.nan, "R": 1, "scorer": "feature_fallback"})
         inputs = [model_dir / "model.safetensors", stats_path, manifest_path]
+    reliability = {k: (None if not np.isfinite(v) else v) for k, v in scores.attrs.get("reliability", {}).items()}
     scores = scores.merge(manifest[["case", "split"]], on="case")[COLUMNS]
     prov = make_provenance("ssl_scores", settings, inputs=inputs, seed=settings.get("seed"),
-                           model_id=model_id(model_dir), scorer=str(scores["scorer"].iloc[0]) if len(scores) else None)
+                           model_id=model_id(model_dir), scorer=str(scores["scorer"].iloc[0]) if len(scores) else None,
+                           split_half=reliability or None)
     write_parquet(scores, out, prov)
 
 

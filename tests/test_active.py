@@ -14,7 +14,9 @@ from stages.core.active import (
     coreset_step,
     cosine_distances,
     dkd_terms,
+    foreground_weights,
     greedy_select,
+    lexicographic_tiebreak,
     link_file,
     mc_dropout_scores,
     mean_entropy,
@@ -22,6 +24,8 @@ from stages.core.active import (
     normalised_entropy,
     otsu_threshold,
     scaled_rank,
+    weighted_random_keys,
+    winsorise,
 )
 from stages.core.inference import mc_dropout_probabilities
 from stages.core.nets import FoundationNet
@@ -137,7 +141,77 @@ def test_greedy_ties_go_to_the_lowest_index_and_every_candidate_gets_values() ->
     assert greedy_select(3, 5, lambda rem, picked: {"score": -rem.astype(float)}).order == [0, 1, 2]
 
 
+def test_winsorise_and_lexicographic_tiebreak_known_values() -> None:
+    clipped, cap = winsorise(np.array([1.0, 2.0, 3.0, 4.0, 100.0]), 0.75)
+    assert cap == 4.0 and clipped.tolist() == [1.0, 2.0, 3.0, 4.0, 4.0]
+    same, top = winsorise(np.array([3.0, 1.0]), 1.0)
+    assert same.tolist() == [3.0, 1.0] and top == 3.0
+    with pytest.raises(ValueError, match="quantile"):
+        winsorise(np.ones(3), 0.0)
+    # first key decides; ties in it go to the larger second key
+    t = lexicographic_tiebreak(np.array([1.0, 2.0, 2.0, 0.5]), np.array([9.0, 1.0, 3.0, 50.0]))
+    assert np.argsort(-t, kind="stable").tolist() == [2, 1, 0, 3]
+
+
+def test_winsorised_dkd_does_not_open_with_the_outlier() -> None:
+    e = np.eye(6)
+    feats = np.stack([e[0], e[1], e[2], e[3], e[4], e[5]])
+    # case 0 is a corrupt scan (loss 50); 1 and 2 are unfamiliar but plausible
+    k_raw = np.array([50.0, 4.0, 3.9, 1.0, 0.9, 0.8])
+    assert _dkd_pick(k_raw, feats, np.zeros((0, 6)), 1) == [0]  # the raw rank opens with the outlier
+    k, cap = winsorise(k_raw, 0.7)  # numpy linear quantile: 3.9 + 0.5 * (4.0 - 3.9) = 3.95
+    assert cap == pytest.approx(3.95) and (k == cap).sum() == 2
+
+    def step(rem: np.ndarray, picked: np.ndarray) -> dict[str, np.ndarray]:
+        ref = feats[picked] if picked.size else np.zeros((0, 6))
+        return dkd_terms(k[rem], feats[rem], ref, k_raw[rem])
+
+    # 0 and 1 share the top rank with d = 1 for all: the tie goes to the smaller raw loss, case 1
+    assert greedy_select(6, 2, step).order == [1, 0]
+
+
+# ------------------------------------------------------------------------------ foreground-aware random
+
+
+def test_foreground_weights_known_values() -> None:
+    volumes = np.array([[10.0, 0.0], [30.0, 1.0], [0.0, 1.0], [0.0, 0.0]])
+    w, f = foreground_weights(volumes, 1.0 / 3.0)
+    # class 1: shares 0.25, 0.75, 0, 0; class 2 (small): 0, 0.5, 0.5, 0 -> f is their mean
+    np.testing.assert_allclose(f, [0.125, 0.625, 0.25, 0.0])
+    np.testing.assert_allclose(w, (2.0 / 3.0) / 4 + f / 3.0)
+    assert w.sum() == pytest.approx(1.0)
+    uniform_w, uniform_f = foreground_weights(np.zeros((3, 2)), 0.5)  # nothing predicted anywhere
+    np.testing.assert_allclose(uniform_w, 1 / 3) and np.testing.assert_allclose(uniform_f, 1 / 3)
+    only_class_one = foreground_weights(np.array([[1.0, 0.0], [3.0, 0.0]]), 1.0)[1]
+    np.testing.assert_allclose(only_class_one, [0.25, 0.75])  # an absent class does not dilute f
+    with pytest.raises(ValueError, match="share"):
+        foreground_weights(volumes, 1.5)
+    with pytest.raises(ValueError, match="non-negative"):
+        foreground_weights(-volumes, 0.5)
+
+
+def test_weighted_random_keys_draw_in_proportion_to_the_weights() -> None:
+    u = np.array([0.9, 0.2, 0.5, 0.7])
+    assert np.argsort(-weighted_random_keys(u, np.full(4, 0.25))).tolist() == [0, 3, 2, 1]  # = random's order
+    assert np.argmax(weighted_random_keys(u, np.array([0.0, 0.0, 1.0, 0.0]))) == 2  # zero weights come last
+    assert np.all(np.isfinite(weighted_random_keys(np.array([0.0, 1.0]), np.array([0.0, 1.0]))))
+    draws = np.random.default_rng(0).random((20000, 4))
+    firsts = np.argmax(weighted_random_keys(draws, np.array([0.7, 0.1, 0.1, 0.1])), axis=1)
+    share = np.bincount(firsts, minlength=4) / len(firsts)
+    np.testing.assert_allclose(share, [0.7, 0.1, 0.1, 0.1], atol=0.01)
+
+
 # ------------------------------------------------------------------------------------------- core-set
+
+
+def test_coreset_cosine_ignores_scale_where_euclidean_does_not() -> None:
+    labelled = np.array([[1.0, 0.01]])
+    # 0: same direction as the labelled case but 10x longer; 1: orthogonal but close in L2
+    points = np.array([[10.0, 0.0], [0.0, 1.0]])
+    assert greedy_select(2, 1, coreset_step(points, labelled, "euclidean")).order == [0]
+    cosine = greedy_select(2, 1, coreset_step(points, labelled, "cosine"))
+    assert cosine.order == [1]
+    assert cosine.columns["coreset_distance"][1] == pytest.approx(1.0 - 0.01 / np.hypot(1.0, 0.01))
 
 
 def test_coreset_k_centre_greedy_on_a_line() -> None:

@@ -162,3 +162,83 @@ def test_cli_writes_and_refuses(task: dict[str, Path], tmp_path: Path, capsys: p
         run_cli(main, [*args, "--settings", json.dumps({"strategy": "coreset", "budget": -1})])
     assert exit_info.value.code == 2
     assert "settings.budget" in capsys.readouterr().err
+
+
+def _picks(table: pd.DataFrame) -> list[str]:
+    return table[table["picked"]].sort_values("pick_order")["case"].tolist()
+
+
+def test_fg_random_round_zero_is_plain_random_with_the_same_seed(task: dict[str, Path], tmp_path: Path) -> None:
+    for seed in (0, 1, 2):
+        fg = _run(task, tmp_path / f"fg{seed}.parquet", 0, model=False, labelled=False, strategy="fg_random",
+                  seed=seed, budget=3)
+        plain = _run(task, tmp_path / f"r{seed}.parquet", 0, model=False, labelled=False, strategy="random",
+                     seed=seed, budget=3)
+        assert fg["fallback"].eq("random").all() and fg["model_id"].isna().all()
+        assert _picks(fg) == _picks(plain)
+        np.testing.assert_allclose(fg["random_key"], plain["random_key"])
+        assert fg["fg_weight"].isna().all()
+
+
+def test_fg_random_with_the_round_model_weights_by_predicted_foreground(task: dict[str, Path], tmp_path: Path) -> None:
+    table = _run(task, tmp_path / "q.parquet", 1, strategy="fg_random", seed=3, budget=3)
+    assert table["fallback"].isna().all() and table["model_id"].notna().all()
+    assert table["fg_weight"].sum() == pytest.approx(1.0) and table["fg_share"].sum() == pytest.approx(1.0)
+    assert (table["fg_volume"] > 0).all()
+    np.testing.assert_allclose(table["fg_weight"], (2 / 3) / len(table) + table["fg_share"] / 3)
+    np.testing.assert_allclose(table["score"], np.log(table["random_key"]) / table["fg_weight"])
+    # with no draw aimed at foreground it is plain random: same uniforms, same picks
+    none = _run(task, tmp_path / "s0.parquet", 1, strategy="fg_random", seed=3, budget=3, options={"share": 0.0})
+    plain = _run(task, tmp_path / "r.parquet", 1, model=False, strategy="random", seed=3, budget=3)
+    assert _picks(none) == _picks(plain)
+    with pytest.raises(InputError, match="share"):
+        _run(task, tmp_path / "bad.parquet", 1, strategy="fg_random", options={"share": 2})
+
+
+def test_fg_random_known_picks_from_known_foreground() -> None:
+    from stages.query_round import FgRandomSettings, QueryContext, query
+
+    n = 5
+    feats = np.eye(n)
+    volumes = np.zeros((n, 2))
+    volumes[3] = [100.0, 5.0]  # the only case with predicted foreground
+    scores = {"fg_volume": volumes}
+    for seed in range(6):
+        ctx = QueryContext([f"c{i}" for i in range(n)], np.arange(n, dtype=float), feats, np.zeros((0, n)),
+                           scores, seed, 1)
+        order, columns, fallback = query(ctx, "fg_random", FgRandomSettings(share=1.0), 1)
+        assert order == [3] and fallback is None  # every draw aimed at foreground: always case 3
+        np.testing.assert_allclose(columns["fg_weight"], [0, 0, 0, 1, 0])
+
+
+def test_mc_dropout_bald_and_coreset_cosine_are_selectable(task: dict[str, Path], tmp_path: Path) -> None:
+    opts = {"passes": 3, "dropout": 0.3}
+    bald = _run(task, tmp_path / "bald.parquet", 1, strategy="mc_dropout",
+                options={**opts, "measure": "mutual_information"})
+    np.testing.assert_allclose(bald["score"], bald["mc_mutual_info"])
+    assert _picks(bald) == bald.sort_values(["mc_mutual_info", "d"], ascending=False)["case"].head(2).tolist()
+    entropy = _run(task, tmp_path / "ent.parquet", 1, strategy="mc_dropout", options=opts)
+    np.testing.assert_allclose(entropy["score"], entropy["mc_entropy"])
+    cosine = _run(task, tmp_path / "cos.parquet", 1, model=False, strategy="coreset", options={"metric": "cosine"})
+    euclid = _run(task, tmp_path / "l2.parquet", 1, model=False, strategy="coreset")
+    # features are unit vectors or near it, labelled = case_00 (e0): the first pick is the case farthest away
+    first = cosine[cosine["pick_order"] == 0].iloc[0]
+    assert first["coreset_distance"] == pytest.approx(cosine["d"].max())  # cosine distance = DKD's d
+    assert euclid["coreset_distance"].notna().all() and cosine["coreset_distance"].notna().all()
+
+
+def test_dkd_knowledge_winsorised_or_raw(task: dict[str, Path], tmp_path: Path) -> None:
+    # k = 3.0 > 2.75 > ... over the 7 pool cases; clipped at the 0.5 quantile the top four tie
+    wins = _run(task, tmp_path / "w.parquet", 0, model=False, labelled=False, strategy="dkd", dkd_winsor_quantile=0.5)
+    raw = _run(task, tmp_path / "r.parquet", 0, model=False, labelled=False, strategy="dkd", dkd_knowledge="rank")
+    cap = float(np.quantile(wins["k"], 0.5))
+    np.testing.assert_allclose(wins["k_used"], np.minimum(wins["k"], cap))
+    np.testing.assert_allclose(raw["k_used"], raw["k"])
+    assert _picks(raw)[0] == POOL[0]  # the raw rank opens with the largest loss
+    assert _picks(wins)[0] == POOL[3]  # the tied top four: the one nearest the cap
+    prov = read_provenance(tmp_path / "w.parquet")
+    assert prov["dkd_knowledge"] == "winsorised" and prov["k_cap"] == pytest.approx(cap)
+    with pytest.raises(InputError, match="dkd_knowledge"):
+        _run(task, tmp_path / "x.parquet", 0, model=False, labelled=False, strategy="dkd", dkd_knowledge="max")
+    with pytest.raises(InputError, match="dkd_winsor_quantile"):
+        _run(task, tmp_path / "x.parquet", 0, model=False, labelled=False, strategy="dkd", dkd_winsor_quantile=0)

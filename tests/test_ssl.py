@@ -14,9 +14,11 @@ from stages.core.ssl import (
     feature_stats,
     mahalanobis,
     make_views,
+    pass_statistics,
     pooled_case_feature,
     score_case,
     score_cases,
+    split_half_reliability,
     ssl_loss,
 )
 
@@ -131,7 +133,7 @@ def test_score_deterministic_batched_and_order_free() -> None:
     assert model.training  # score_case restores the mode
     forward = score_cases(model, list(vols.items()), batch=4, **kw).set_index("case")
     backward = score_cases(model, list(reversed(vols.items())), batch=4, **kw).set_index("case")
-    assert list(forward.columns) == ["mean", "std", "R", "scorer"]
+    assert list(forward.columns) == ["mean", "std", "sem", "half_a", "half_b", "split_half_r", "R", "scorer"]
     assert set(forward["scorer"]) == {"ssl"} and set(forward["R"]) == {8}
     assert np.allclose(forward.loc["a", ["mean", "std"]].to_numpy(float), first, atol=1e-12)
     assert np.array_equal(
@@ -224,3 +226,83 @@ def test_feature_stats_and_mahalanobis() -> None:
         feature_stats(few[:1])
     with pytest.raises(ValueError, match="shape"):
         mahalanobis(few[:, :3], stats["mean"], stats["cov"])
+
+
+def test_views_mark_the_padding_and_the_inpaint_term_ignores_it() -> None:
+    # 16 x 16 x 10 volume, 16^3 crop: the last 6 z-slices of every view are zero padding
+    volume = torch.randn(1, 16, 16, 10, generator=torch.Generator().manual_seed(3))
+    views = make_views(volume, 4, 16, 0.5, 4, torch.Generator().manual_seed(0))
+    assert views["valid"].shape == views["mask"].shape and views["valid"].dtype == torch.bool
+    assert torch.all(views["valid"][..., :10]) and not torch.any(views["valid"][..., 10:])
+    assert torch.all(views["target"][~views["valid"].expand_as(views["target"])] == 0)
+    # an oracle that is off by exactly 0.5 on every real voxel and exact on the padding
+    shifted = {**views, "target": torch.where(views["valid"], views["target"] - 0.5, views["target"])}
+    terms = ssl_loss(_Oracle(views), shifted)
+    assert torch.allclose(terms["inpaint"], torch.full((4,), 0.5))  # not diluted to 0.5 * 10 / 16
+    legacy = {k: v for k, v in shifted.items() if k != "valid"}  # what padded voxels did before
+    diluted = ssl_loss(_Oracle(views), legacy)["inpaint"]
+    hidden = views["mask"].flatten(1)
+    real_share = (hidden & views["valid"].flatten(1)).sum(1) / hidden.sum(1)
+    assert torch.allclose(diluted, 0.5 * real_share)
+    assert torch.all(real_share < 0.8)
+
+
+def test_padding_in_the_rotation_plane_is_rotated_with_the_crop() -> None:
+    volume = torch.randn(1, 12, 16, 16)  # x shorter than the crop: padding on the far x side
+    views = make_views(volume, 8, 16, 0.5, 4, torch.Generator().manual_seed(1))
+    for i in range(8):
+        k = int(views["rotation"][i])
+        unrotated = torch.rot90(views["valid"][i], -k, dims=ROTATION_AXES)
+        assert torch.all(unrotated[:, :12]) and not torch.any(unrotated[:, 12:])
+
+
+def test_small_volume_scores_are_unchanged_where_nothing_is_padded() -> None:
+    model = _model()
+    vol = np.random.default_rng(0).normal(size=(1, 20, 20, 20)).astype(np.float32)
+    kw = dict(R=4, patch_size=16, mask_ratio=0.3, mask_patch=4, seed=0, case_id="a")
+    views = make_views(torch.from_numpy(vol), 4, 16, 0.3, 4, torch.Generator().manual_seed(0))
+    assert torch.all(views["valid"])  # a volume at least the crop's size has no padding
+    with torch.no_grad():
+        model.eval()
+        with_valid = ssl_loss(model, views)["loss"]
+        without = ssl_loss(model, {k: v for k, v in views.items() if k != "valid"})["loss"]
+    assert torch.equal(with_valid, without)
+    assert score_case(model, vol, **kw) == score_case(model, vol, **kw)
+
+
+def test_pass_statistics_known_values() -> None:
+    stats = pass_statistics(np.array([1.0, 2.0, 3.0, 6.0]))
+    assert stats["mean"] == 3.0 and stats["half_a"] == 2.0 and stats["half_b"] == 4.0
+    assert stats["std"] == pytest.approx(np.sqrt(14 / 3))
+    assert stats["sem"] == pytest.approx(np.sqrt(14 / 3) / 2)
+    one = pass_statistics(np.array([2.5]))
+    assert one["std"] == 0.0 and np.isnan(one["sem"]) and np.isnan(one["half_b"]) and one["half_a"] == 2.5
+
+
+def test_split_half_reliability_known_values() -> None:
+    a = np.array([1.0, 2.0, 3.0, 4.0])
+    perfect = split_half_reliability(a, 2 * a + 1)
+    assert perfect["pearson"] == pytest.approx(1.0) and perfect["reliability"] == pytest.approx(1.0)
+    b = np.array([2.0, 1.0, 4.0, 3.0])  # Pearson 0.6, Spearman 0.6
+    half = split_half_reliability(a, b)
+    assert half["pearson"] == pytest.approx(0.6) and half["spearman"] == pytest.approx(0.6)
+    assert half["reliability"] == pytest.approx(2 * 0.6 / 1.6)
+    # one outlier carries the Pearson r; the ranks of the rest disagree: reliability follows the ranks
+    c, d = np.array([1.0, 2.0, 3.0, 4.0, 50.0]), np.array([4.0, 3.0, 2.0, 1.0, 50.0])
+    skew = split_half_reliability(c, d)
+    assert skew["pearson"] > 0.99 and skew["spearman"] == pytest.approx(0.0, abs=1e-12)
+    assert skew["reliability"] == pytest.approx(0.0, abs=1e-12)
+    assert np.isnan(split_half_reliability(a[:2], b[:2])["reliability"])  # too few cases
+    assert np.isnan(split_half_reliability(a, np.ones(4))["pearson"])  # a constant half
+
+
+def test_score_cases_reports_reliability() -> None:
+    model = _model()
+    rng = np.random.default_rng(1)
+    vols = [(f"c{i}", rng.normal(scale=0.5 + i, size=(1, 18, 18, 12 + 2 * i)).astype(np.float32)) for i in range(4)]
+    table = score_cases(model, vols, R=6, patch_size=16, mask_ratio=0.5, mask_patch=4, seed=0, batch=6)
+    np.testing.assert_allclose(table["sem"], table["std"] / np.sqrt(6))
+    np.testing.assert_allclose(table["mean"], (table["half_a"] + table["half_b"]) / 2)
+    rel = split_half_reliability(table["half_a"].to_numpy(), table["half_b"].to_numpy())
+    assert table["split_half_r"].nunique() == 1 and table["split_half_r"].iloc[0] == pytest.approx(rel["reliability"])
+    assert table.attrs["reliability"] == rel

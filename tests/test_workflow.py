@@ -78,7 +78,8 @@ def test_tiny_dag_produces_metrics_for_every_method_and_task(run: Path) -> None:
     metrics = pd.read_parquet(run / "results" / "summary" / "metrics.parquet")
     dice = metrics[metrics["metric"] == "dice"]
     assert set(dice["method"]) == {"medseqft", "ablation_no_lora", "parallel_ft", "multitask_ft",
-                                   "transfer_from_m0", "transfer_from_medseqft", "assft_dkd_asd", "assft_random"}
+                                   "transfer_from_m0", "transfer_from_medseqft", "assft_dkd_asd", "assft_random",
+                                   "assft_fg_random"}
     assert set(dice.loc[dice["method"] == "parallel_ft", "task"]) == {"organ_lesion", "paired_organs"}
     assert set(dice.loc[dice["method"] == "transfer_from_m0", "task"]) == {"unseen"}
     assert dice["value"].between(0, 1).all()
@@ -256,5 +257,16 @@ def test_assft_rounds_query_annotate_and_budget_curve(run: Path) -> None:
     pseudo = pd.read_parquet(active / "dkd_asd" / "seed0" / "round1" / "pseudo_selective" / "pseudo.parquet")
     assert set(pseudo["case"]) == pool - labelled_by["dkd_asd"]  # every still-unlabelled case is considered
     budget = pd.read_parquet(run / "results" / "summary" / "budget.parquet")
-    assert set(zip(budget["strategy"], budget["labels"])) == {("dkd_asd", 1), ("dkd_asd", 2), ("random", 1), ("random", 2)}
+    assert set(zip(budget["strategy"], budget["labels"])) == {
+        (s, n) for s in ("dkd_asd", "random", "fg_random") for n in (1, 2)
+    }
     assert budget["dice_mean"].between(0, 1).all()
+    # foreground-aware random: round 0 is random's own draw (no target model yet), round 1 weighs the
+    # candidates by the round-0 model's predicted foreground
+    fg = [pd.read_parquet(active / "fg_random" / "seed0" / f"round{r}" / "query.parquet") for r in (0, 1)]
+    plain = pd.read_parquet(active / "random" / "seed0" / "round0" / "query.parquet")
+    assert fg[0]["fallback"].eq("random").all()
+    assert set(fg[0].loc[fg[0]["picked"], "case"]) == set(plain.loc[plain["picked"], "case"])
+    assert fg[1]["fallback"].isna().all() and fg[1]["fg_weight"].sum() == pytest.approx(1.0)
+    ssl = pd.read_parquet(run / "results" / "scores" / "unseen" / "ssl.parquet")
+    assert {"sem", "half_a", "half_b", "split_half_r"} <= set(ssl.columns)

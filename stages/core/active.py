@@ -41,16 +41,20 @@ __all__ = [
     "dkd_terms",
     "euclidean_distances",
     "foreground_confidence",
+    "foreground_weights",
     "greedy_select",
     "link_file",
     "mc_dropout_scores",
     "mean_entropy",
+    "lexicographic_tiebreak",
     "min_distance",
     "normalised_entropy",
     "read_case_column",
     "read_features",
     "scaled_rank",
     "selective_keep",
+    "weighted_random_keys",
+    "winsorise",
 ]
 
 _EPS = 1e-12
@@ -195,7 +199,44 @@ def greedy_select(n: int, budget: int, step: StepScores) -> GreedyResult:
     return GreedyResult(order=order, columns=columns)
 
 
-def dkd_terms(k: np.ndarray, features: np.ndarray, reference: np.ndarray) -> dict[str, np.ndarray]:
+def winsorise(values: np.ndarray, quantile: float) -> tuple[np.ndarray, float]:
+    """Clip ``values`` from above at their ``quantile`` (numpy's linear interpolation); returns (clipped, cap).
+
+    DKD's knowledge gap is M0's SSL loss, whose largest values are often single corrupt or unusual
+    scans; clipped at the 0.9 quantile, the top tenth of the candidates share the highest rank and the
+    diversity term (then the tie-break) decides among them instead of the single largest loss (ours).
+    ``quantile = 1`` leaves the values as they are.
+
+    Args:
+        values: 1-D finite scores.
+        quantile: in (0, 1].
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if not 0.0 < float(quantile) <= 1.0:
+        raise ValueError(f"quantile must be in (0, 1], got {quantile}")
+    if values.size == 0:
+        return values, float("nan")
+    cap = float(np.quantile(values, quantile))
+    return np.minimum(values, cap), cap
+
+
+def lexicographic_tiebreak(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """One float that orders candidates by ``first`` (higher wins), then by ``second`` (higher wins).
+
+    Integer ranks combined as ``rank(first) * (n + 1) + rank(second)``, exact in float64 for any pool.
+    """
+    from scipy.stats import rankdata
+
+    first = np.asarray(first, dtype=np.float64)
+    n = first.size
+    if n == 0:
+        return np.zeros(0)
+    return rankdata(first, method="min") * (n + 1.0) + rankdata(np.asarray(second, dtype=np.float64), method="min")
+
+
+def dkd_terms(
+    k: np.ndarray, features: np.ndarray, reference: np.ndarray, k_raw: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     """DKD of the remaining candidates given the reference set S (``methods.md`` §2, formula ours).
 
     ``DKD(x | S) = rank(k(x)) * rank(d(x | S))`` with ranks scaled to [0, 1] over the remaining
@@ -210,12 +251,15 @@ def dkd_terms(k: np.ndarray, features: np.ndarray, reference: np.ndarray) -> dic
     Returns ``k_rank``, ``d``, ``d_rank``, ``dkd``, ``score`` (= ``dkd``) and ``tiebreak`` (= ``d``).
     The product of ranks is 0 for the least unfamiliar and for the least diverse candidate alike, so
     exact ties are common; they go to the larger raw distance (ours), so a near-copy of S never wins a
-    tie against a distinct case.
+    tie against a distinct case. With ``k_raw`` (the unclipped gap when ``k`` is winsorised, see
+    :func:`winsorise`), ties left after the distance go to the *smaller* raw gap: among the cases that
+    share the top rank the one nearest the cap, never the most extreme loss (ours).
     """
     d = min_distance(features, reference, "cosine", empty=1.0)
     k_rank, d_rank = scaled_rank(k), scaled_rank(d)
     dkd = k_rank * d_rank
-    return {"k_rank": k_rank, "d": d, "d_rank": d_rank, "dkd": dkd, "score": dkd, "tiebreak": d}
+    tiebreak = d if k_raw is None else lexicographic_tiebreak(d, -np.asarray(k_raw, dtype=np.float64))
+    return {"k_rank": k_rank, "d": d, "d_rank": d_rank, "dkd": dkd, "score": dkd, "tiebreak": tiebreak}
 
 
 def coreset_step(
@@ -248,6 +292,62 @@ def coreset_step(
         return {"coreset_distance": nearest, "score": nearest}
 
     return step
+
+
+# ---------------------------------------------------------------------------- foreground-aware random
+
+
+def foreground_weights(volumes: np.ndarray, share: float) -> tuple[np.ndarray, np.ndarray]:
+    """Sampling weights of nnActive's foreground-aware random, moved from patches to whole cases (ours).
+
+    nnActive (Lüth et al., TMLR 2025; ``nnactive/strategies/randomlabel*.py``) draws each query patch
+    either anywhere in a random image or centred on (the border of) labelled foreground; its
+    "33 % foreground" variant aims one draw in three at foreground. A case-level query has no patch to
+    centre, so here a draw is, with probability ``share``, a case drawn in proportion to its foreground
+    and otherwise a uniform case: ``w_i = (1 - share) / n + share * f_i``. The foreground share ``f_i``
+    averages over the foreground classes present the case's part of the pool's predicted volume of
+    that class, ``f_i = mean_c v_ic / sum_j v_jc``, so a small class (a lesion) counts as much as a
+    large organ. ``v_ic`` is the model's soft predicted volume (sum of p_c over voxels), since pool
+    labels are unknown. Without any predicted foreground f is uniform.
+
+    Args:
+        volumes: (n, C_fg) predicted foreground volume per case and foreground class, >= 0.
+        share: the fraction of draws aimed at foreground, in [0, 1].
+
+    Returns ``(weights (n,), f (n,))``, each summing to 1.
+    """
+    v = np.asarray(volumes, dtype=np.float64)
+    if v.ndim == 1:
+        v = v[:, None]
+    if v.ndim != 2 or (v.size and v.min() < 0) or not np.all(np.isfinite(v)):
+        raise ValueError(f"volumes must be a finite non-negative (n, classes) array, got shape {v.shape}")
+    if not 0.0 <= float(share) <= 1.0:
+        raise ValueError(f"share must be in [0, 1], got {share}")
+    n = v.shape[0]
+    if n == 0:
+        return np.zeros(0), np.zeros(0)
+    totals = v.sum(axis=0)
+    present = totals > 0
+    f = (v[:, present] / totals[present]).mean(axis=1) if present.any() else np.full(n, 1.0 / n)
+    return (1.0 - share) / n + share * f, f
+
+
+def weighted_random_keys(uniforms: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Keys whose descending order is a weighted random draw without replacement (Efraimidis & Spirakis 2006).
+
+    ``key_i = log(u_i) / w_i`` (the log of their ``u_i ** (1 / w_i)``): taking the largest keys one by
+    one draws each next case with probability proportional to its weight among those left. With equal
+    weights the order is that of ``u`` alone, so a foreground-aware draw with no foreground information
+    picks what plain random picks with the same uniforms. Weights are floored at 1e-12 (a zero-weight
+    case comes last, never an infinite key).
+
+    Args:
+        uniforms: (n,) in (0, 1).
+        weights: (n,) >= 0.
+    """
+    u = np.clip(np.asarray(uniforms, dtype=np.float64), np.finfo(np.float64).tiny, 1.0)
+    w = np.maximum(np.asarray(weights, dtype=np.float64), 1e-12)
+    return np.log(u) / w
 
 
 # ------------------------------------------------------------------------------------------ uncertainty

@@ -51,16 +51,18 @@ BUFFER_STRATEGIES = sorted(
     {spec["buffer"] for spec in KGRFT.values() if spec["buffer"]}
 )
 
-# ASSFT (methods.md §2): one chain of query rounds per strategy and seed on the target task;
+# ASSFT (methods.md §2): one chain of query rounds per strategy and seed on the target task
+# (the random strategies, plain and foreground-aware, once per `assft.random_seeds`);
 # semi-supervised variants after the last round for the ASSFT strategy itself (dkd_asd).
 ASSFT = config["assft"]
 TARGET = ASSFT["target"] or (UNSEEN[0] if UNSEEN else None)
 ASSFT_ON = "assft" in ENABLED and TARGET is not None
 ACTIVE = f"{RESULTS}/active/{TARGET}"
+RANDOM_QUERIES = ("random", "fg_random")
 ACTIVE_RUNS = [
     (q, seed)
     for q in ASSFT["strategies"]
-    for seed in (ASSFT["random_seeds"] if q == "random" else [config["seed"]])
+    for seed in (ASSFT["random_seeds"] if q in RANDOM_QUERIES else [config["seed"]])
 ]
 LAST_ROUND = ASSFT["rounds"] - 1
 SEMI = [m for m in ASSFT["semi"] if m != "none"]
@@ -309,9 +311,16 @@ def get_round_model_arg(wildcards, input):
 
 
 def get_query_settings(wildcards):
+    mc_measure = {"entropy": "monailabel", "bald": "mutual_information"}
     options = {
         "dkd_asd": {"weight": ASSFT["weight"]},
-        "mc_dropout": {"passes": ASSFT["mc_passes"], "dropout": ASSFT["mc_dropout"]},
+        "mc_dropout": {
+            "passes": ASSFT["mc_passes"],
+            "dropout": ASSFT["mc_dropout"],
+            "measure": mc_measure[ASSFT["mc_score"]],
+        },
+        "coreset": {"metric": ASSFT["coreset_metric"]},
+        "fg_random": {"share": ASSFT["fg_share"]},
     }.get(wildcards.query, {})
     return settings(
         {
@@ -319,6 +328,8 @@ def get_query_settings(wildcards):
             "budget": ASSFT["budget"],
             "seed": int(wildcards.seed),
             "options": options,
+            "dkd_knowledge": ASSFT["dkd_knowledge"],
+            "dkd_winsor_quantile": ASSFT["dkd_winsor_quantile"],
             "patch_size": config["train"]["patch_size"],
             "overlap": config["inference"]["overlap"],
             "sw_batch_size": config["inference"]["sw_batch_size"],
