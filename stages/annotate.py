@@ -329,6 +329,7 @@ def run(
             seg = np.load(folder / "cases" / f"{rec['case']}_seg.npy")
             row.update(
                 split="train", label_path=rec["source"], label_sha256=rec["source_sha256"],
+                **({"seg_sha256": rec["seg_sha256"]} if "seg_sha256" in row else {}),
                 label_counts=[int(v) for v in np.bincount(seg.ravel(), minlength=int(num_classes))],
             )
             manifest_rows.append(row)

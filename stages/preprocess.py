@@ -2,7 +2,8 @@
 
 ``python -m stages.preprocess --dataset DIR --out DIR --settings JSON`` writes ``out/cases/{case}.npy``
 (float32, (1, X, Y, Z)), ``out/cases/{case}_seg.npy`` (uint8 task classes, labelled sets only) and
-``out/manifest.parquet`` (columns in docs/design.md). Every file is checked before anything is
+``out/manifest.parquet`` (columns in docs/design.md; ``array_sha256`` and ``seg_sha256`` hold the SHA-256
+of each written ``.npy``, which ``segadapt-audit`` re-checks). Every file is checked before anything is
 written; a refused dataset leaves no output.
 
 Settings (defaults in :data:`DEFAULT_SETTINGS`):
@@ -77,6 +78,9 @@ MANIFEST_SCHEMA = pa.schema(
         ("label_path", pa.string()),
         ("image_sha256", pa.string()),
         ("label_sha256", pa.string()),
+        # SHA-256 of the preprocessed files cases/{case}.npy and cases/{case}_seg.npy (null: no label)
+        ("array_sha256", pa.string()),
+        ("seg_sha256", pa.string()),
         ("orig_shape", pa.list_(pa.int64())),
         ("orig_spacing", pa.list_(pa.float64())),
         ("orig_affine", pa.list_(pa.float64())),
@@ -239,17 +243,24 @@ class _BackgroundWriter:
     def __init__(self, depth: int = 64, max_bytes: int = 64 << 20) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preprocess-writer")
         self._switch_interval = sys.getswitchinterval()
-        self._pending: deque[tuple[Future[None], int]] = deque()
+        self._pending: deque[tuple[Future[str], int]] = deque()
         self._bytes = 0
         self._depth = depth
         self._max_bytes = max_bytes
 
-    def write(self, array: np.ndarray, path: Path) -> None:
-        """Queue ``save_npy(array, path)``; the caller must not change ``array`` afterwards."""
-        self._pending.append((self._pool.submit(save_npy, array, path), array.nbytes))
+    def write(self, array: np.ndarray, path: Path) -> Future[str]:
+        """Queue ``save_npy(array, path)``; the caller must not change ``array`` afterwards.
+
+        Returns:
+            A future of the written file's SHA-256, hashed by the writer thread right after the write
+            (the bytes are still in the page cache; hashlib releases the GIL while it hashes).
+        """
+        future = self._pool.submit(_save_and_hash, array, path)
+        self._pending.append((future, array.nbytes))
         self._bytes += array.nbytes
         while self._pending and (len(self._pending) > self._depth or self._bytes > self._max_bytes):
             self._wait_oldest()
+        return future
 
     def _wait_oldest(self) -> None:
         future, nbytes = self._pending.popleft()
@@ -272,6 +283,12 @@ class _BackgroundWriter:
             sys.setswitchinterval(self._switch_interval)
 
 
+def _save_and_hash(array: np.ndarray, path: Path) -> str:
+    """Write ``array`` to ``path`` (:func:`save_npy`) and return the SHA-256 of the file written."""
+    save_npy(array, path)
+    return sha256_file(path)
+
+
 def _preprocess_one(
     case: ValidatedCase,
     writer: _BackgroundWriter,
@@ -290,10 +307,10 @@ def _preprocess_one(
     stats = foreground_stats(raw, label > 0 if label is not None else None)
     array, seg, geometry = preprocess_case(image, label, target, norm, ct_stats, label_map)
     del image, raw, label
-    writer.write(array, out / "cases" / f"{case.case_id}.npy")
-    counts = None
+    array_hash = writer.write(array, out / "cases" / f"{case.case_id}.npy")
+    counts, seg_hash = None, None
     if seg is not None:
-        writer.write(seg, out / "cases" / f"{case.case_id}_seg.npy")
+        seg_hash = writer.write(seg, out / "cases" / f"{case.case_id}_seg.npy")
         assert num_classes is not None
         counts = class_counts(seg, num_classes)
     return {
@@ -303,6 +320,9 @@ def _preprocess_one(
         "label_path": str(case.label) if case.label is not None else None,
         "image_sha256": case.image_sha256,
         "label_sha256": case.label_sha256,
+        # futures until the writer is done: run() puts the digests in their place
+        "array_sha256": array_hash,
+        "seg_sha256": seg_hash,
         **{key: geometry[key] for key in (
             "orig_shape", "orig_spacing", "orig_affine", "orig_axcodes",
             "crop_box", "cropped_shape", "shape", "spacing",
@@ -362,6 +382,10 @@ def run(dataset: Path, out: Path, settings: Mapping[str, Any]) -> None:
             rows.append(
                 _preprocess_one(case, writer, out, split, target, norm, ct_stats, label_map, num_classes)
             )
+    for row in rows:  # every write has finished: the futures hold the files' digests
+        for key in ("array_sha256", "seg_sha256"):
+            if row[key] is not None:
+                row[key] = row[key].result()
 
     inputs: dict[str, str] = {}
     inputs: dict[str, str] = {}
