@@ -53,6 +53,7 @@ from stages.core.active import IMAGE_LINK_MODES, build_folder, link_file
 from stages.core.errors import InputError, run_cli
 from stages.core.geometry import preprocess_label
 from stages.core.io import atomic_path, make_provenance, read_provenance, save_npy, sha256_file, write_parquet
+from stages.core.log import stage_log
 from stages.core.msd import read_label_array
 
 __all__ = ["DEFAULT_SETTINGS", "LABELLED_SCHEMA", "MODES", "inbox_files", "run", "main"]
@@ -349,7 +350,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="labelled folder to write")
     parser.add_argument("--settings", type=json.loads, default={}, help="JSON object (see DEFAULT_SETTINGS)")
     args = parser.parse_args(argv)
-    run(args.query, args.data, args.out, args.settings, previous=args.previous, inbox=args.inbox)
+    with stage_log(parser, args):
+        run(args.query, args.data, args.out, args.settings, previous=args.previous, inbox=args.inbox)
 
 
 if __name__ == "__main__":

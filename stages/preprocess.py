@@ -52,6 +52,7 @@ from stages.core.geometry import (
     sample_foreground,
 )
 from stages.core.io import make_provenance, save_npy, sha256_file, write_parquet
+from stages.core.log import stage_log
 from stages.core.msd import Dataset, ValidatedCase, dataset_labels, load_nifti_3d, read_dataset, validate_dataset
 from stages.core.split import split_cases
 
@@ -419,11 +420,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder (cases/, manifest.parquet)")
     parser.add_argument("--settings", default="{}", help="JSON object of settings (see the module docstring)")
     args = parser.parse_args(argv)
-    try:
-        settings = json.loads(args.settings)
-    except json.JSONDecodeError as err:
-        raise InputError("--settings", f"not valid JSON: {err}") from err
-    run(args.dataset, args.out, settings)
+    with stage_log(parser, args):
+        try:
+            settings = json.loads(args.settings)
+        except json.JSONDecodeError as err:
+            raise InputError("--settings", f"not valid JSON: {err}") from err
+        run(args.dataset, args.out, settings)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import torch
 from stages.core.errors import InputError, run_cli
 from stages.core.inference import predict_probabilities, resolve_device
 from stages.core.io import config_hash, make_provenance, read_parquet, save_json, sha256_file, write_parquet
+from stages.core.log import stage_log
 from stages.core.losses import kd_loss, retention_loss, segmentation_loss
 from stages.core.lora import add_lora, count_trainable, lora_targets, save_adapter
 from stages.core.nets import FoundationNet, load_model, model_id, save_model, seed_from
@@ -411,8 +412,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, required=True, help="folder for resumable state")
     parser.add_argument("--settings", type=json.loads, default={}, help="JSON object of settings")
     args = parser.parse_args(argv)
-    run(args.recipe, args.init, args.data, args.task, args.out, args.work, args.settings, args.teacher, args.buffer,
-        args.pseudo)
+    with stage_log(parser, args):
+        run(args.recipe, args.init, args.data, args.task, args.out, args.work, args.settings, args.teacher, args.buffer,
+            args.pseudo)
 
 
 if __name__ == "__main__":
