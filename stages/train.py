@@ -109,7 +109,7 @@ def _dice_validator(net: torch.nn.Module, task: str, data: Path, cases: Sequence
         scores = []
         for case in cases:
             image = np.load(data / "cases" / f"{case}.npy", mmap_mode="r")
-            seg = torch.from_numpy(np.asarray(np.load(data / "cases" / f"{case}_seg.npy", mmap_mode="r"))).long()
+            seg = torch.from_numpy(np.load(data / "cases" / f"{case}_seg.npy")).long()  # read in full: writable
             probs = predict_probabilities(net, task, image, s["patch_size"], s.get("overlap", 0.5), 4, device)
             k = probs.shape[0]
             pred = torch.from_numpy(probs.argmax(0)).long()

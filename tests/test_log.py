@@ -106,3 +106,56 @@ def test_every_stage_main_is_framed() -> None:
         if not uses:
             missing.append(path.name)
     assert not missing, f"main() without stage_log: {missing}"
+
+
+def test_inference_on_a_memory_mapped_case_warns_nothing(tmp_path: Path) -> None:
+    """The cases are opened read-only (mmap_mode="r"); torch warned "not writable" once per case before."""
+    import warnings
+
+    import numpy as np
+    import torch
+
+    from stages.core.inference import predict_probabilities
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv3d(1, 2, 1)
+
+        def segment(self, x: torch.Tensor, task: str) -> torch.Tensor:
+            return self.conv(x)
+
+    volume = np.random.default_rng(0).normal(size=(1, 6, 7, 5)).astype(np.float32)
+    np.save(tmp_path / "case.npy", volume)
+    image = np.load(tmp_path / "case.npy", mmap_mode="r")
+    assert not image.flags.writeable
+    torch.manual_seed(0)
+    model = Tiny()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        probs = predict_probabilities(model, "t", image, (4, 4, 4), 0.5, 2)
+    np.testing.assert_array_equal(probs, predict_probabilities(model, "t", volume.copy(), (4, 4, 4), 0.5, 2))
+    assert not image.flags.writeable and probs.shape == (2, 6, 7, 5)
+
+
+def test_ssl_scoring_progress_bar_has_a_total(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy as np
+
+    from stages import ssl_scores
+    from stages.core.nets import FoundationNet, save_model
+
+    data = tmp_path / "data"
+    (data / "cases").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    cases = ["c0", "c1", "c2"]
+    for case in cases:
+        np.save(data / "cases" / f"{case}.npy", rng.normal(size=(1, 16, 16, 16)).astype(np.float32))
+    write_parquet(pd.DataFrame({"case": cases, "split": ["train"] * 3}), data / "manifest.parquet", {"stage": "test"})
+    net = FoundationNet("basicunet", arch_kwargs={"features": [4, 4, 8, 8, 16, 4]}, ssl={"patch_size": [16, 16, 16]},
+                        seed=0)
+    save_model(net, tmp_path / "m0", {"stage": "test"})
+    settings = {"passes": 2, "batch": 2, "seed": 0, "ssl": {"patch_size": 16, "mask_ratio": 0.3, "mask_patch": 4}}
+    ssl_scores.run(tmp_path / "m0", data, tmp_path / "ssl.parquet", settings)
+    err = capsys.readouterr().err
+    assert "ssl scoring: 100%" in err and "3/3 [" in err, err[-500:]
+    assert pd.read_parquet(tmp_path / "ssl.parquet")["case"].tolist() == cases
