@@ -88,7 +88,7 @@ def make_views(
         (n, 1, *P) bool, True where hidden; ``rotation`` (n,) long, k; ``origin`` (n, 3) long, crop corner.
     """
     if isinstance(volume, np.ndarray):
-        volume = torch.as_tensor(np.asarray(volume, dtype=np.float32))
+        volume = torch.as_tensor(np.require(volume, np.float32, ["W"]))
     if volume.ndim != 4:
         raise ValueError(f"volume must be (C, X, Y, Z), got shape {tuple(volume.shape)}")
     p = _patch3(patch_size)
@@ -245,7 +245,7 @@ def score_case(
     """
     if R < 1 or batch < 1:
         raise ValueError(f"R and batch must be >= 1, got R={R}, batch={batch}")
-    vol = torch.as_tensor(np.asarray(volume, dtype=np.float32)) if isinstance(volume, np.ndarray) else volume
+    vol = torch.as_tensor(np.require(volume, np.float32, ["W"])) if isinstance(volume, np.ndarray) else volume
     views = make_views(vol, R, patch_size, mask_ratio, mask_patch, case_generator(seed, case_id), mask_fill)
     losses = _view_losses(model, views, batch)
     std = float(losses.std(ddof=1)) if R > 1 else 0.0
@@ -318,7 +318,7 @@ def pooled_case_feature(
         float32 array of shape (feature_dim,).
     """
     p = _patch3(patch_size)
-    vol = torch.as_tensor(np.asarray(volume, dtype=np.float32)) if isinstance(volume, np.ndarray) else volume
+    vol = torch.as_tensor(np.require(volume, np.float32, ["W"])) if isinstance(volume, np.ndarray) else volume
     if vol.ndim != 4:
         raise ValueError(f"volume must be (C, X, Y, Z), got shape {tuple(vol.shape)}")
     vol = vol.detach().to("cpu", torch.float32)
