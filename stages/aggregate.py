@@ -28,6 +28,7 @@ import pandas as pd
 
 from stages.core.errors import InputError, run_cli
 from stages.core.io import atomic_path, make_provenance, read_parquet, save_json, sha256_file, write_parquet
+from stages.core.log import stage_log
 
 __all__ = [
     "MULTITASK_STEP",
@@ -613,9 +614,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--settings", type=json.loads, default={},
                         help="JSON object: reference, n_boot, ci, seed, order")
     args = parser.parse_args(argv)
-    if not isinstance(args.settings, dict):
-        raise InputError("--settings", "must be a JSON object")
-    run(args.metrics, args.out, args.settings, args.train_logs, args.budget)
+    with stage_log(parser, args):
+        if not isinstance(args.settings, dict):
+            raise InputError("--settings", "must be a JSON object")
+        run(args.metrics, args.out, args.settings, args.train_logs, args.budget)
 
 
 if __name__ == "__main__":

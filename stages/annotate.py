@@ -53,6 +53,7 @@ from stages.core.active import IMAGE_LINK_MODES, build_folder, link_file
 from stages.core.errors import InputError, run_cli
 from stages.core.geometry import preprocess_label
 from stages.core.io import atomic_path, make_provenance, read_provenance, save_npy, sha256_file, write_parquet
+from stages.core.log import stage_log
 from stages.core.msd import read_label_array
 
 __all__ = ["DEFAULT_SETTINGS", "LABELLED_SCHEMA", "MODES", "inbox_files", "run", "main"]
@@ -345,6 +346,7 @@ def run(
             seg = np.load(folder / "cases" / f"{rec['case']}_seg.npy")
             row.update(
                 split="train", label_path=rec["source"], label_sha256=rec["source_sha256"],
+                **({"seg_sha256": rec["seg_sha256"]} if "seg_sha256" in row else {}),
                 label_counts=[int(v) for v in np.bincount(seg.ravel(), minlength=int(num_classes))],
             )
             manifest_rows.append(row)
@@ -364,7 +366,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="labelled folder to write")
     parser.add_argument("--settings", type=json.loads, default={}, help="JSON object (see DEFAULT_SETTINGS)")
     args = parser.parse_args(argv)
-    run(args.query, args.data, args.out, args.settings, previous=args.previous, inbox=args.inbox)
+    with stage_log(parser, args):
+        run(args.query, args.data, args.out, args.settings, previous=args.previous, inbox=args.inbox)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@
 Each artifact the pipeline writes carries a provenance record (``stages.core.io.make_provenance``): the
 stage that made it, its settings and their hash, the seed, the code version and the SHA-256 of every
 input file. The audit walks those records from one artifact through its inputs, their inputs and so on
-(each artifact expanded once, to a depth limit), and re-hashes every recorded input. Exit status 0 when
+(each artifact expanded once, to a depth limit), and re-hashes every recorded input. A task manifest
+(``manifest.parquet`` with ``array_sha256``/``seg_sha256`` columns) also has its preprocessed arrays,
+``cases/{case}.npy`` and ``cases/{case}_seg.npy`` beside it, re-hashed: the training data is checked too,
+not only the NIfTI files it was made from. Exit status 0 when
 every input is present and unchanged, 1 otherwise (the differing and missing files are listed), 2 when
 the artifact itself cannot be audited.
 """
@@ -21,7 +24,7 @@ from typing import Any
 from stages.core.errors import InputError, run_cli
 from stages.core.io import read_provenance, sha256_file
 
-__all__ = ["Finding", "AuditReport", "audit", "format_report", "run", "main", "entry"]
+__all__ = ["ARRAY_COLUMNS", "Finding", "AuditReport", "audit", "format_report", "manifest_arrays", "run", "main", "entry"]
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,8 @@ class Finding:
         problem: ``missing`` or ``differs``.
         recorded: the SHA-256 the provenance holds.
         actual: the SHA-256 of the file now on disk (None when missing).
-        needed_by: the artifact whose record lists this input.
+        needed_by: the artifact whose record lists this input (for an array: the manifest listing it).
+        kind: ``input`` (a recorded input) or ``array`` (a preprocessed array a manifest lists).
     """
 
     path: str
@@ -41,6 +45,7 @@ class Finding:
     recorded: str
     actual: str | None
     needed_by: str
+    kind: str = "input"
 
 
 @dataclass
@@ -49,8 +54,8 @@ class AuditReport:
 
     Attributes:
         lines: the lineage, one line each, indented by depth.
-        findings: inputs that are missing or differ.
-        checked: how many distinct input files were hashed.
+        findings: inputs (and a manifest's preprocessed arrays) that are missing or differ.
+        checked: how many distinct input files (and arrays) were hashed.
         truncated: artifacts not expanded because the depth limit was reached.
     """
 
@@ -76,6 +81,37 @@ def _safe_provenance(path: Path) -> tuple[dict[str, Any], str | None]:
     except Exception as err:  # a corrupt or foreign file is a finding for the reader, not a crash
         return {}, f"provenance unreadable ({type(err).__name__}: {err})"
     return (record if isinstance(record, dict) else {}), None
+
+
+#: manifest column -> the file it holds the SHA-256 of, relative to the manifest's folder
+ARRAY_COLUMNS = {"array_sha256": "cases/{case}.npy", "seg_sha256": "cases/{case}_seg.npy"}
+
+
+def manifest_arrays(path: Path) -> list[tuple[str, str]]:
+    """``(relative file, recorded SHA-256)`` of every preprocessed array a task manifest lists.
+
+    Empty for any other file (not Parquet, or without a ``case`` column and the hash columns of
+    :data:`ARRAY_COLUMNS`); a null hash (an unlabelled case has no ``_seg.npy``) is skipped.
+    """
+    if path.suffix != ".parquet":
+        return []
+    import pyarrow.parquet as pq
+
+    try:
+        names = set(pq.read_schema(path).names)
+    except Exception:  # not readable as Parquet: the provenance reader reports it
+        return []
+    columns = [c for c in ARRAY_COLUMNS if c in names]
+    if "case" not in names or not columns:
+        return []
+    table = pq.read_table(path, columns=["case", *columns]).to_pydict()
+    arrays = []
+    for i, case in enumerate(table["case"]):
+        for column in columns:
+            digest = table[column][i]
+            if digest is not None:
+                arrays.append((ARRAY_COLUMNS[column].format(case=case), str(digest)))
+    return arrays
 
 
 def audit(path: Path, root: Path = Path("."), max_depth: int = 12,
@@ -123,25 +159,36 @@ def audit(path: Path, root: Path = Path("."), max_depth: int = 12,
         if record.get("settings") is not None:
             report.lines.append(f"{indent}settings: {_short(record['settings'])}")
 
+    def check(child_name: str, child: Path, recorded: str, needed_by: str, indent: str,
+              kind: str = "input") -> str | None:
+        actual = digest(child)
+        if actual is None:
+            status = "MISSING"
+            report.findings.append(Finding(child_name, "missing", recorded, None, needed_by, kind))
+        elif actual != recorded:
+            status = f"DIFFERS (recorded {recorded[:12]}, now {actual[:12]})"
+            report.findings.append(Finding(child_name, "differs", recorded, actual, needed_by, kind))
+        else:
+            status = f"ok {recorded[:12]}"
+        report.lines.append(f"{indent}{child_name}  {status}")
+        return actual
+
     def walk(name: str, p: Path, record: dict[str, Any], generation: int) -> None:
         indent = "    " * generation
         expanded.add(p.resolve())
         describe(record, indent + "  ")
+        arrays = manifest_arrays(p)
+        if arrays:
+            report.lines.append(f"{indent}  preprocessed arrays:")
+            folder = Path(name).parent
+            for relative, recorded in arrays:
+                check(str(folder / relative), p.parent / relative, recorded, name, indent + "    ", "array")
         inputs = record.get("inputs") or {}
         if inputs:
             report.lines.append(f"{indent}  inputs:")
         for child_name, recorded in sorted(inputs.items()):
             child = resolve(child_name)
-            actual = digest(child)
-            if actual is None:
-                status = "MISSING"
-                report.findings.append(Finding(child_name, "missing", recorded, None, name))
-            elif actual != recorded:
-                status = f"DIFFERS (recorded {recorded[:12]}, now {actual[:12]})"
-                report.findings.append(Finding(child_name, "differs", recorded, actual, name))
-            else:
-                status = f"ok {recorded[:12]}"
-            report.lines.append(f"{indent}    {child_name}  {status}")
+            actual = check(child_name, child, recorded, name, indent + "    ")
             if actual is None:
                 continue
             if child.resolve() in expanded:
@@ -180,7 +227,8 @@ def format_report(report: AuditReport, quiet: bool = False) -> str:
                 continue
             seen.add((f.path, f.problem))
             detail = "missing" if f.problem == "missing" else f"differs: recorded {f.recorded}, now {f.actual}"
-            lines.append(f"  {f.path}: {detail} (input of {f.needed_by})")
+            role = "preprocessed array listed in" if f.kind == "array" else "input of"
+            lines.append(f"  {f.path}: {detail} ({role} {f.needed_by})")
     if report.truncated:
         lines.append(f"audit: {len(report.truncated)} artifacts not expanded (depth limit); their own inputs "
                      "were not checked")

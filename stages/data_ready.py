@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from stages.core.errors import InputError, run_cli
 from stages.core.io import make_provenance, save_json, sha256_file
+from stages.core.log import stage_log
 
 __all__ = ["run", "main"]
 
@@ -50,7 +51,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--manifests", type=Path, nargs="+", required=True, help="every task's manifest.parquet")
     parser.add_argument("--out", type=Path, required=True, help="the marker JSON to write")
     args = parser.parse_args(argv)
-    run(args.manifests, args.out)
+    with stage_log(parser, args):
+        run(args.manifests, args.out)
 
 
 if __name__ == "__main__":

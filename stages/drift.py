@@ -51,6 +51,7 @@ from tqdm import tqdm
 from stages.core.errors import InputError, run_cli
 from stages.core.figures import FIGURE_STYLE, method_colours, save_figure
 from stages.core.io import make_provenance, write_parquet
+from stages.core.log import stage_log
 from stages.core.nets import MODEL_WEIGHTS, load_model, model_id, read_model_json
 
 __all__ = [
@@ -480,10 +481,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--settings", type=json.loads, default={}, help="JSON object: dpi")
     args = parser.parse_args(argv)
-    if not isinstance(args.settings, dict):
-        raise InputError("--settings", "must be a JSON object")
-    for path in run(args.foundation, args.model, args.out, args.settings):
-        print(path)
+    with stage_log(parser, args):
+        if not isinstance(args.settings, dict):
+            raise InputError("--settings", "must be a JSON object")
+        for path in run(args.foundation, args.model, args.out, args.settings):
+            print(path)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from stages.core.errors import InputError, run_cli
 from stages.core.geometry import apply_label_map
 from stages.core.inference import predict_cases, resolve_device
 from stages.core.io import make_provenance, read_parquet, read_provenance, write_parquet
+from stages.core.log import stage_log
 from stages.core.metrics import case_metrics
 from stages.core.nets import load_model, model_id
 
@@ -109,7 +110,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--step", required=True, help="training step that made the model")
     parser.add_argument("--settings", type=json.loads, default={}, help="JSON object of settings")
     args = parser.parse_args(argv)
-    run(args.model, args.task, args.data, args.out, args.method, args.step, args.settings)
+    with stage_log(parser, args):
+        run(args.model, args.task, args.data, args.out, args.method, args.step, args.settings)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from stages.core.errors import InputError, run_cli
 from stages.core.inference import resolve_device
 from stages.core.io import make_provenance, read_parquet, write_parquet
+from stages.core.log import stage_log
 from stages.core.nets import load_model, model_id
 from stages.core.ssl import pooled_case_feature
 
@@ -68,7 +69,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="Parquet file to write")
     parser.add_argument("--settings", type=json.loads, default={}, help="JSON object of settings")
     args = parser.parse_args(argv)
-    run(args.model, args.data, args.out, args.settings)
+    with stage_log(parser, args):
+        run(args.model, args.data, args.out, args.settings)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ import torch
 
 from stages.core.errors import InputError, run_cli
 from stages.core.io import load_safetensors, make_provenance, read_parquet
+from stages.core.log import stage_log
 from stages.core.nets import ARCHS, FoundationNet, check_state_dict, save_model, seed_from
 from stages.core.ssl import write_feature_stats
 
@@ -305,13 +306,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--settings", required=True, help="JSON object (see the module docstring)")
     parser.add_argument("--pool", type=Path, default=None, help="preprocessed pool: also write feature statistics")
     args = parser.parse_args(argv)
-    try:
-        settings = json.loads(args.settings)
-    except json.JSONDecodeError as err:
-        raise InputError("--settings", f"not valid JSON: {err}") from err
-    if not isinstance(settings, dict):
-        raise InputError("--settings", "must be a JSON object")
-    run(args.checkpoint, args.out, settings, args.pool)
+    with stage_log(parser, args):
+        try:
+            settings = json.loads(args.settings)
+        except json.JSONDecodeError as err:
+            raise InputError("--settings", f"not valid JSON: {err}") from err
+        if not isinstance(settings, dict):
+            raise InputError("--settings", "must be a JSON object")
+        run(args.checkpoint, args.out, settings, args.pool)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ from stages.core.errors import InputError, run_cli
 from stages.core.figures import FIGURE_STYLE, save_figure
 from stages.core.inference import resolve_device
 from stages.core.io import config_hash, make_provenance, read_json, read_parquet, save_json, sha256_file, write_parquet
+from stages.core.log import stage_log
 from stages.core.losses import segmentation_loss
 from stages.core.nets import MODEL_WEIGHTS, FoundationNet, load_model, model_id
 from stages.core.sampling import CaseStore
@@ -476,10 +477,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--settings", type=json.loads, default={},
                         help="JSON object: seed, dims, points, range, cases, patch_size, batch_size, device, dpi")
     args = parser.parse_args(argv)
-    if not isinstance(args.settings, dict):
-        raise InputError("--settings", "must be a JSON object")
-    for path in run(args.model, args.data, args.task, args.out, args.work, args.settings, args.method, args.step):
-        print(path)
+    with stage_log(parser, args):
+        if not isinstance(args.settings, dict):
+            raise InputError("--settings", "must be a JSON object")
+        for path in run(args.model, args.data, args.task, args.out, args.work, args.settings, args.method, args.step):
+            print(path)
 
 
 if __name__ == "__main__":

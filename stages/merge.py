@@ -15,6 +15,7 @@ from typing import Any
 
 from stages.core.errors import InputError, run_cli
 from stages.core.io import make_provenance, read_json
+from stages.core.log import stage_log
 from stages.core.lora import load_adapter, merge_lora
 from stages.core.nets import load_model, model_id, save_model
 
@@ -48,7 +49,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="model folder to write (M_t)")
     parser.add_argument("--settings", type=json.loads, default={}, help="JSON object of settings")
     args = parser.parse_args(argv)
-    run(args.base, args.adapter, args.out, args.settings)
+    with stage_log(parser, args):
+        run(args.base, args.adapter, args.out, args.settings)
 
 
 if __name__ == "__main__":

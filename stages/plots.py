@@ -31,6 +31,7 @@ from stages.core.errors import InputError, run_cli
 from stages.core.figures import FIGURE_STYLE, method_colours, save_figure
 from stages.core.geometry import apply_label_map
 from stages.core.io import make_provenance, read_parquet, read_provenance
+from stages.core.log import stage_log
 
 __all__ = [
     "DICE_FIGURE",
@@ -426,10 +427,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="draw the reference method's best and worst test case of TASK (model of STEP)")
     parser.add_argument("--settings", type=json.loads, default={}, help="JSON object: reference, dpi")
     args = parser.parse_args(argv)
-    if not isinstance(args.settings, dict):
-        raise InputError("--settings", "must be a JSON object")
-    for path in run(args.summary, args.out, args.settings, args.overlay):
-        print(path)
+    with stage_log(parser, args):
+        if not isinstance(args.settings, dict):
+            raise InputError("--settings", "must be a JSON object")
+        for path in run(args.summary, args.out, args.settings, args.overlay):
+            print(path)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from typing import Any
 from stages.core.errors import InputError, run_cli
 from stages.core.inference import predict_cases, resolve_device
 from stages.core.io import make_provenance, write_parquet
+from stages.core.log import stage_log
 from stages.core.nets import load_model, model_id
 
 __all__ = ["run", "main"]
@@ -48,7 +49,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--settings", type=json.loads, default={}, help="JSON object of settings")
     args = parser.parse_args(argv)
-    run(args.model, args.head, args.data, args.split, args.out, args.settings)
+    with stage_log(parser, args):
+        run(args.model, args.head, args.data, args.split, args.out, args.settings)
 
 
 if __name__ == "__main__":

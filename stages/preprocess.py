@@ -2,7 +2,8 @@
 
 ``python -m stages.preprocess --dataset DIR --out DIR --settings JSON`` writes ``out/cases/{case}.npy``
 (float32, (1, X, Y, Z)), ``out/cases/{case}_seg.npy`` (uint8 task classes, labelled sets only) and
-``out/manifest.parquet`` (columns in docs/design.md). Every file is checked before anything is
+``out/manifest.parquet`` (columns in docs/design.md; ``array_sha256`` and ``seg_sha256`` hold the SHA-256
+of each written ``.npy``, which ``segadapt-audit`` re-checks). Every file is checked before anything is
 written; a refused dataset leaves no output.
 
 Settings (defaults in :data:`DEFAULT_SETTINGS`):
@@ -54,6 +55,7 @@ from stages.core.geometry import (
     sample_foreground,
 )
 from stages.core.io import build_folder, make_provenance, save_npy, sha256_file, write_parquet
+from stages.core.log import stage_log
 from stages.core.msd import Dataset, ValidatedCase, dataset_labels, load_nifti_3d, read_dataset, validate_dataset
 from stages.core.split import split_cases
 
@@ -85,6 +87,9 @@ MANIFEST_SCHEMA = pa.schema(
         ("label_path", pa.string()),
         ("image_sha256", pa.string()),
         ("label_sha256", pa.string()),
+        # SHA-256 of the preprocessed files cases/{case}.npy and cases/{case}_seg.npy (null: no label)
+        ("array_sha256", pa.string()),
+        ("seg_sha256", pa.string()),
         ("orig_shape", pa.list_(pa.int64())),
         ("orig_spacing", pa.list_(pa.float64())),
         ("orig_affine", pa.list_(pa.float64())),
@@ -249,17 +254,24 @@ class _BackgroundWriter:
     def __init__(self, depth: int = 64, max_bytes: int = 64 << 20) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preprocess-writer")
         self._switch_interval = sys.getswitchinterval()
-        self._pending: deque[tuple[Future[None], int]] = deque()
+        self._pending: deque[tuple[Future[str], int]] = deque()
         self._bytes = 0
         self._depth = depth
         self._max_bytes = max_bytes
 
-    def write(self, array: np.ndarray, path: Path) -> None:
-        """Queue ``save_npy(array, path)``; the caller must not change ``array`` afterwards."""
-        self._pending.append((self._pool.submit(save_npy, array, path), array.nbytes))
+    def write(self, array: np.ndarray, path: Path) -> Future[str]:
+        """Queue ``save_npy(array, path)``; the caller must not change ``array`` afterwards.
+
+        Returns:
+            A future of the written file's SHA-256, hashed by the writer thread right after the write
+            (the bytes are still in the page cache; hashlib releases the GIL while it hashes).
+        """
+        future = self._pool.submit(_save_and_hash, array, path)
+        self._pending.append((future, array.nbytes))
         self._bytes += array.nbytes
         while self._pending and (len(self._pending) > self._depth or self._bytes > self._max_bytes):
             self._wait_oldest()
+        return future
 
     def _wait_oldest(self) -> None:
         future, nbytes = self._pending.popleft()
@@ -323,6 +335,12 @@ def _check_foreground(ds: Dataset, cases: Sequence[ValidatedCase], label_map: Ma
                                   f"({len(cases)} cases): nothing to segment")
 
 
+def _save_and_hash(array: np.ndarray, path: Path) -> str:
+    """Write ``array`` to ``path`` (:func:`save_npy`) and return the SHA-256 of the file written."""
+    save_npy(array, path)
+    return sha256_file(path)
+
+
 def _preprocess_one(
     case: ValidatedCase,
     writer: _BackgroundWriter,
@@ -345,10 +363,10 @@ def _preprocess_one(
     if not np.isfinite(array).all():  # validation rules this out; never hand Inf/NaN to training
         raise InputError(case.image, f"preprocessing produced {int(np.count_nonzero(~np.isfinite(array)))} "
                                      f"non-finite voxels ({norm} normalisation)")
-    writer.write(array, out / f"{case.case_id}.npy")
-    counts = None
+    array_hash = writer.write(array, out / f"{case.case_id}.npy")
+    counts, seg_hash = None, None
     if seg is not None:
-        writer.write(seg, out / f"{case.case_id}_seg.npy")
+        seg_hash = writer.write(seg, out / f"{case.case_id}_seg.npy")
         assert num_classes is not None
         counts = class_counts(seg, num_classes)
     return {
@@ -358,6 +376,9 @@ def _preprocess_one(
         "label_path": str(case.label) if case.label is not None else None,
         "image_sha256": case.image_sha256,
         "label_sha256": case.label_sha256,
+        # futures until the writer is done: run() puts the digests in their place
+        "array_sha256": array_hash,
+        "seg_sha256": seg_hash,
         **{key: geometry[key] for key in (
             "orig_shape", "orig_spacing", "orig_affine", "orig_axcodes",
             "crop_box", "cropped_shape", "shape", "spacing",
@@ -425,6 +446,10 @@ def run(dataset: Path, out: Path, settings: Mapping[str, Any]) -> None:
                 except MemoryError as err:
                     raise InputError(case.image, f"ran out of memory resampling it to {_mm(target)} mm "
                                                  f"({_shape_text(case)}): {err}") from None
+        for row in rows:  # every write has finished: the futures hold the files' digests
+            for key in ("array_sha256", "seg_sha256"):
+                if row[key] is not None:
+                    row[key] = row[key].result()
         return rows
 
     # the cases are written into a sibling folder swapped in at the end, so a refused or killed
@@ -464,11 +489,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder (cases/, manifest.parquet)")
     parser.add_argument("--settings", default="{}", help="JSON object of settings (see the module docstring)")
     args = parser.parse_args(argv)
-    try:
-        settings = json.loads(args.settings)
-    except json.JSONDecodeError as err:
-        raise InputError("--settings", f"not valid JSON: {err}") from err
-    run(args.dataset, args.out, settings)
+    with stage_log(parser, args):
+        try:
+            settings = json.loads(args.settings)
+        except json.JSONDecodeError as err:
+            raise InputError("--settings", f"not valid JSON: {err}") from err
+        run(args.dataset, args.out, settings)
 
 
 if __name__ == "__main__":

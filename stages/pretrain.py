@@ -19,6 +19,7 @@ import torch
 from stages.core.errors import InputError, run_cli
 from stages.core.inference import resolve_device
 from stages.core.io import config_hash, make_provenance, read_parquet, sha256_file, write_parquet
+from stages.core.log import stage_log
 from stages.core.nets import FoundationNet, save_model
 from stages.core.ssl import make_views, ssl_loss, write_feature_stats
 from stages.core.trainer import Trainer, TrainSettings
@@ -96,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, required=True, help="folder for resumable state")
     parser.add_argument("--settings", type=json.loads, default={}, help="JSON object of settings")
     args = parser.parse_args(argv)
-    run(args.pool, args.out, args.work, args.settings)
+    with stage_log(parser, args):
+        run(args.pool, args.out, args.work, args.settings)
 
 
 if __name__ == "__main__":

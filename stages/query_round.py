@@ -73,6 +73,7 @@ from stages.core.active import (
 from stages.core.errors import InputError, run_cli
 from stages.core.inference import mc_dropout_probabilities, predict_probabilities, resolve_device
 from stages.core.io import make_provenance, write_parquet
+from stages.core.log import stage_log
 from stages.core.nets import load_model, model_id, seed_from
 
 __all__ = [
@@ -648,8 +649,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="query.parquet to write")
     parser.add_argument("--settings", type=json.loads, default={}, help="JSON object (see DEFAULT_SETTINGS)")
     args = parser.parse_args(argv)
-    run(args.data, args.task, args.ssl_scores, args.features, args.round, args.out, args.settings,
-        labelled=args.labelled, model_dir=args.model)
+    with stage_log(parser, args):
+        run(args.data, args.task, args.ssl_scores, args.features, args.round, args.out, args.settings,
+            labelled=args.labelled, model_dir=args.model)
 
 
 if __name__ == "__main__":

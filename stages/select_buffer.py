@@ -21,6 +21,7 @@ import pandas as pd
 
 from stages.core.errors import InputError, run_cli
 from stages.core.io import make_provenance, read_parquet, read_provenance, write_parquet
+from stages.core.log import stage_log
 
 __all__ = ["BufferSettings", "STRATEGIES", "buffer_size", "select", "run", "main"]
 
@@ -107,7 +108,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="buffer Parquet to write")
     parser.add_argument("--settings", type=json.loads, default={}, help="JSON object of BufferSettings")
     args = parser.parse_args(argv)
-    run(args.scores, args.task, args.out, args.settings)
+    with stage_log(parser, args):
+        run(args.scores, args.task, args.out, args.settings)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ from stages.core.active import (
 from stages.core.errors import InputError, run_cli
 from stages.core.inference import predict_probabilities, resolve_device
 from stages.core.io import make_provenance, save_npy, sha256_file, write_parquet
+from stages.core.log import stage_log
 from stages.core.nets import load_model, model_id
 
 __all__ = ["DEFAULT_SETTINGS", "MODES", "PSEUDO_SCHEMA", "run", "main"]
@@ -225,7 +226,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="pseudo-label folder to write")
     parser.add_argument("--settings", type=json.loads, default={}, help="JSON object (see DEFAULT_SETTINGS)")
     args = parser.parse_args(argv)
-    run(args.model, args.task, args.data, args.labelled, args.features, args.out, args.settings)
+    with stage_log(parser, args):
+        run(args.model, args.task, args.data, args.labelled, args.features, args.out, args.settings)
 
 
 if __name__ == "__main__":

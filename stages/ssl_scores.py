@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +21,27 @@ from tqdm import tqdm
 from stages.core.errors import InputError, run_cli
 from stages.core.inference import resolve_device
 from stages.core.io import load_safetensors, make_provenance, read_json, read_parquet, write_parquet
+from stages.core.log import stage_log
 from stages.core.nets import load_model, model_id
 from stages.core.ssl import SCORE_COLUMNS, mahalanobis, pooled_case_feature, score_cases
 
 __all__ = ["run", "main"]
 
 COLUMNS = ["case", "split", *SCORE_COLUMNS[1:]]
+
+
+class _Sized:
+    """A lazy iterable with a length: the cases are still loaded one at a time, but the progress bar
+    of :func:`score_cases` (``tqdm``, which asks ``len()``) shows ``k/n`` and a time left."""
+
+    def __init__(self, items: Iterable[Any], n: int) -> None:
+        self.items, self.n = items, n
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return self.n
 
 
 def run(model_dir: Path, data: Path, out: Path, settings: dict[str, Any]) -> None:
@@ -56,7 +71,8 @@ def run(model_dir: Path, data: Path, out: Path, settings: dict[str, Any]) -> Non
     volumes = ((c, np.load(data / "cases" / f"{c}.npy", mmap_mode="r")) for c in manifest["case"])
     if has_heads:
         scores = score_cases(
-            model, ((c, torch.from_numpy(np.array(v))) for c, v in volumes), R=settings["passes"],
+            model, _Sized(((c, torch.from_numpy(np.array(v))) for c, v in volumes), len(manifest)),
+            R=settings["passes"],
             patch_size=ssl["patch_size"], mask_ratio=ssl["mask_ratio"], mask_patch=ssl["mask_patch"],
             seed=int(settings.get("seed", 0)), batch=settings["batch"],
         )
@@ -87,7 +103,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="Parquet file to write")
     parser.add_argument("--settings", type=json.loads, default={}, help="JSON object of settings")
     args = parser.parse_args(argv)
-    run(args.model, args.data, args.out, args.settings)
+    with stage_log(parser, args):
+        run(args.model, args.data, args.out, args.settings)
 
 
 if __name__ == "__main__":

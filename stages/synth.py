@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 from stages.core.errors import InputError, run_cli
 from stages.core.io import atomic_path, make_provenance, save_json
+from stages.core.log import stage_log
 
 __all__ = [
     "CT_AXCODES",
@@ -673,11 +674,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder to write the MSD datasets into")
     parser.add_argument("--settings", default="{}", help="JSON object: seed, shape, cases_per_task, pool_cases")
     args = parser.parse_args(argv)
-    try:
-        settings = json.loads(args.settings)
-    except json.JSONDecodeError as err:
-        raise InputError("--settings", f"not valid JSON: {err}") from None
-    run(args.out, settings)
+    with stage_log(parser, args):
+        try:
+            settings = json.loads(args.settings)
+        except json.JSONDecodeError as err:
+            raise InputError("--settings", f"not valid JSON: {err}") from None
+        run(args.out, settings)
 
 
 if __name__ == "__main__":

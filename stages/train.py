@@ -35,6 +35,7 @@ import torch
 from stages.core.errors import InputError, run_cli
 from stages.core.inference import predict_probabilities, resolve_device
 from stages.core.io import config_hash, make_provenance, read_parquet, save_json, sha256_file, write_parquet
+from stages.core.log import stage_log
 from stages.core.losses import kd_loss, retention_loss, segmentation_loss
 from stages.core.lora import add_lora, count_trainable, lora_targets, save_adapter
 from stages.core.nets import FoundationNet, load_model, model_id, save_model, seed_from
@@ -108,7 +109,7 @@ def _dice_validator(net: torch.nn.Module, task: str, data: Path, cases: Sequence
         scores = []
         for case in cases:
             image = np.load(data / "cases" / f"{case}.npy", mmap_mode="r")
-            seg = torch.from_numpy(np.asarray(np.load(data / "cases" / f"{case}_seg.npy", mmap_mode="r"))).long()
+            seg = torch.from_numpy(np.load(data / "cases" / f"{case}_seg.npy")).long()  # read in full: writable
             probs = predict_probabilities(net, task, image, s["patch_size"], s.get("overlap", 0.5), 4, device)
             k = probs.shape[0]
             pred = torch.from_numpy(probs.argmax(0)).long()
@@ -411,8 +412,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, required=True, help="folder for resumable state")
     parser.add_argument("--settings", type=json.loads, default={}, help="JSON object of settings")
     args = parser.parse_args(argv)
-    run(args.recipe, args.init, args.data, args.task, args.out, args.work, args.settings, args.teacher, args.buffer,
-        args.pseudo)
+    with stage_log(parser, args):
+        run(args.recipe, args.init, args.data, args.task, args.out, args.work, args.settings, args.teacher, args.buffer,
+            args.pseudo)
 
 
 if __name__ == "__main__":

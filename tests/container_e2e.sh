@@ -135,6 +135,21 @@ t0=$(now); launch -- python -m stages.synth --out demo --settings "$SYNTH_SETTIN
 SYNTH_DOCKER_S=$(since "$t0")
 SYNTH_FILES=$(compare native_demo demo)
 say "synth: native ${SYNTH_NATIVE_S}s, image ${SYNTH_DOCKER_S}s, $SYNTH_FILES files byte-identical"
+# run by root, the step ran as nobody and the launcher gave its outputs back to root
+owners=$(find demo -printf '%U:%G\n' | sort -u | tr '\n' ' ')
+[ "$owners" = "0:0 " ] || fail "synth outputs owned by $owners, not 0:0 (the root caller)"
+[ ! -e .segadapt-container ] || [ -z "$(find .segadapt-container -name 'parents-*')" ] \
+  || fail "parent folders not given back: $(ls .segadapt-container)"
+
+# 1b. what the step sees: not root, no capabilities, the job's thread count, a private TMPDIR
+seen=$(OMP_NUM_THREADS=3 launch -- sh -c 'echo "$(id -u) $OMP_NUM_THREADS $TMPDIR"; grep CapEff /proc/self/status' \
+  2>"$TMP/env.log") || fail "env probe: $(tail -5 "$TMP/env.log")"
+read -r uid threads scratch <<<"$(head -1 <<<"$seen")"
+[ "$uid" = 65534 ] && [ "$threads" = 3 ] || fail "step ran as uid $uid with OMP_NUM_THREADS=$threads"
+case $scratch in "${TMPDIR:-/tmp}"/segadapt-container-*) ;; *) fail "TMPDIR in the container: $scratch" ;; esac
+[ ! -e "$scratch" ] || fail "scratch folder $scratch left behind"
+grep -q "CapEff:[[:space:]]*0000000000000000" <<<"$seen" || fail "capabilities left: $seen"
+say "step environment: uid $uid, OMP_NUM_THREADS $threads, private TMPDIR, no capabilities"
 
 # 2. stages.preprocess on the organ/lesion task (CT, non-RAS, anisotropic): native, then in the image
 # as an unknown uid (the working folder handed over to it), same relative paths, same settings

@@ -136,6 +136,12 @@ def test_rounds_accumulate_and_a_case_is_labelled_once(task: dict, tmp_path: Pat
     assert (second / seg).read_bytes() == (first / seg).read_bytes()
     assert not any(p.is_symlink() for p in second.rglob("*"))  # image_link: copy
     assert sorted(pd.read_parquet(second / "manifest.parquet")["case"]) == sorted(train[:3])
+    from stages.audit import manifest_arrays
+    from stages.core.io import sha256_file
+
+    for folder, n in ((first, 1), (second, 3)):  # each manifest lists the arrays its folder holds, as they are
+        arrays = manifest_arrays(folder / "manifest.parquet")
+        assert len(arrays) == 2 * n and all(sha256_file(folder / name) == digest for name, digest in arrays)
     with pytest.raises(InputError, match="already labelled"):
         run(_query(tmp_path / "bad.parquet", train[:1], train, 1), task["data"], tmp_path / "r1b", {},
             previous=first / "labelled.parquet")

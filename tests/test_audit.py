@@ -99,3 +99,49 @@ def test_cli_exit_codes(chain: Path) -> None:
     assert "results/data.parquet: differs" in proc.stdout and "input of results/metrics.parquet" in proc.stdout
     proc = cli("demo/raw.txt")
     assert proc.returncode == 2 and "segadapt: error: demo/raw.txt" in proc.stderr
+
+
+def test_audit_rehashes_the_preprocessed_arrays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A zeroed training array after preprocessing: the audit names it and exits 1 (it said OK before)."""
+    import numpy as np
+    from test_preprocess import make_dataset
+
+    from stages import preprocess
+
+    monkeypatch.chdir(tmp_path)
+    make_dataset(Path("ds"), n=3)
+    preprocess.run(Path("ds"), Path("results/data/t"), {"seed": 0})
+    manifest = Path("results/data/t/manifest.parquet")
+    clean = audit.audit(manifest)
+    assert clean.ok and clean.checked == 3 * 2 + 1 + 3 * 2  # 3 NIfTI pairs, dataset.json, 3 image + 3 label arrays
+    assert "results/data/t/cases/case_001_seg.npy  ok" in "\n".join(clean.lines)
+
+    zeroed = Path("results/data/t/cases/case_001.npy")
+    array = np.load(zeroed)
+    np.save(zeroed, np.zeros_like(array))  # same shape, dtype and size: only the bytes tell
+    report = audit.audit(manifest)
+    assert [(f.path, f.problem, f.kind) for f in report.findings] == [(str(zeroed), "differs", "array")]
+    Path("results/data/t/cases/case_002_seg.npy").unlink()
+    proc = subprocess.run([sys.executable, "-m", "stages.audit", str(manifest), "--quiet"], capture_output=True,
+                          text=True, cwd=tmp_path, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 1, proc.stderr
+    assert f"{zeroed}: differs" in proc.stdout and "preprocessed array listed in results/data/t/manifest.parquet" in proc.stdout
+    assert "results/data/t/cases/case_002_seg.npy: missing" in proc.stdout
+
+
+def test_a_downstream_artifact_reaches_the_arrays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Audited from an artifact that lists the manifest as input, the arrays are checked as well."""
+    import numpy as np
+    from test_preprocess import make_dataset
+
+    from stages import preprocess
+
+    monkeypatch.chdir(tmp_path)
+    make_dataset(Path("ds"), n=2)
+    preprocess.run(Path("ds"), Path("data"), {"seed": 0, "split": {"val": 0.0, "test": 0.0}})
+    write_parquet(pd.DataFrame({"dice": [0.5]}), Path("metrics.parquet"),
+                  make_provenance("evaluate", {}, inputs=["data/manifest.parquet"]))
+    assert audit.audit(Path("metrics.parquet")).ok
+    np.save("data/cases/case_000_seg.npy", np.zeros((9, 10, 7), np.uint8))
+    report = audit.audit(Path("metrics.parquet"))
+    assert [(f.path, f.needed_by) for f in report.findings] == [("data/cases/case_000_seg.npy", "data/manifest.parquet")]

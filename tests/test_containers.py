@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -122,9 +123,12 @@ def test_options_mount_workdir_at_same_path(tmp_path: Path, monkeypatch: pytest.
     assert opts["command"] == ["python", "-m", "stages.features", "--out", "x.parquet"]
     assert opts["volumes"] == {folder: {"bind": folder, "mode": "rw"}}
     assert opts["working_dir"] == folder
-    assert opts["user"] == f"{os.getuid()}:{os.getgid()}"
+    # the caller's ids, never root's: a root caller's step runs as nobody
+    expected = container.FALLBACK_USER if os.getuid() == 0 else (os.getuid(), os.getgid())
+    assert opts["user"] == f"{expected[0]}:{expected[1]}"
     assert opts["environment"] == {"A": "1"}
     assert opts["network_mode"] == "none" and opts["init"] is True and opts["tty"] is False
+    assert opts["cap_drop"] == ["ALL"] and opts["security_opt"] == ["no-new-privileges"]
     assert "device_requests" not in opts
 
 
@@ -246,8 +250,10 @@ def test_run_streams_output_and_returns_exit_code(tmp_path: Path) -> None:
     assert out.data == b"out 1\nout 2\n" and err.data == b"err 1\nerr 2\n"
     assert out.flushes == 2 and err.flushes == 2  # every chunk reaches the log at once
     created = client.containers.create.call_args.kwargs
+    scratch = created["environment"]["TMPDIR"]
     assert created == container_options("img", ["python", "-m", "stages.synth"], tmp_path, user=(5, 6),
-                                        env={"K": "v"})
+                                        env={**container.job_environment(), "K": "v"}, tmpdir=scratch)
+    assert not os.path.exists(scratch)  # the job's scratch folder is gone with the container
     names = [name for name, _ in box.calls]
     # attached before the start (no early output lost), removed at the end
     assert names == ["attach", "start", "wait", "remove"]
@@ -336,6 +342,174 @@ def test_cli_refusal_exits_2_with_message(tmp_path: Path) -> None:
                           timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().endswith(f"{tmp_path / 'absent'}: working folder does not exist")
+
+
+# ---- the launcher: the job's environment, privileges and the owner of what it writes -------------------
+class StepContainer(FakeContainer):
+    """A container whose ``start`` runs ``step`` (which plays the command: checks what it was given, writes)."""
+
+    def __init__(self, step: Any) -> None:
+        super().__init__([(b"ok\n", None)], status=0)
+        self.step = step
+
+    def start(self) -> None:
+        super().start()
+        self.step()
+
+
+def _owner(path: Path) -> tuple[int, int]:
+    info = path.lstat()
+    return info.st_uid, info.st_gid
+
+
+def test_resolve_user_never_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "getuid", lambda: 0)
+    monkeypatch.setattr(os, "getgid", lambda: 0)
+    assert container.resolve_user() == container.FALLBACK_USER == (65534, 65534)
+    assert container.resolve_user((1000, 0)) == (1000, 0)
+    with pytest.raises(InputError, match="--user: a step never runs as uid 0"):
+        container.resolve_user((0, 1000))
+    monkeypatch.setattr(os, "getuid", lambda: 1000)
+    monkeypatch.setattr(os, "getgid", lambda: 100)
+    assert container.resolve_user() == (1000, 100)
+    with pytest.raises(InputError, match="--user"):
+        container_options("img", ["true"], "/", user=(0, 0))
+
+
+def test_cli_refuses_uid_0(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="never runs as uid 0"):
+        main(["--image", "img", "--workdir", str(tmp_path), "--user", "0", "--", "true"])
+
+
+def test_output_locations_are_the_out_and_work_arguments(tmp_path: Path) -> None:
+    argv = ["python", "-m", "stages.train", "--init", "m0", "--out", "results/runs/m", "--work=results/work/m",
+            "--out", str(tmp_path / "abs"), "--settings", "{\"out\": 1}", "--out"]
+    assert container.output_locations(argv, tmp_path) == [
+        tmp_path / "results/runs/m", tmp_path / "results/work/m", tmp_path / "abs"]
+
+
+def test_run_passes_thread_counts_and_maps_tmpdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Snakemake's per-job OMP_NUM_THREADS & co. reach the step; TMPDIR is a private, mounted scratch folder."""
+    pytest.importorskip("docker")
+    host_tmp = tmp_path / "job-tmp"
+    host_tmp.mkdir()
+    for key in container.THREAD_ENV:
+        monkeypatch.setenv(key, "3")
+    monkeypatch.setenv("TMPDIR", str(host_tmp))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # tempfile caches the folder it found first
+    monkeypatch.setenv("SECRET_TOKEN", "not for the container")
+    work = tmp_path / "work"
+    work.mkdir()
+    seen: dict[str, Any] = {}
+
+    def step() -> None:
+        created = client.containers.create.call_args.kwargs
+        scratch = Path(created["environment"]["TMPDIR"])
+        seen.update(created=created, scratch=scratch, exists=scratch.is_dir(), owner=_owner(scratch),
+                    mode=scratch.stat().st_mode & 0o7777)
+
+    box = StepContainer(step)
+    client = fake_client(box)
+    code = run_in_docker("img", ["python", "-m", "stages.synth", "--out", "demo"], work, user=(5, 6),
+                         env={"MKL_NUM_THREADS": "1"}, client=client, stdout=Sink(), stderr=Sink())  # type: ignore[arg-type]
+    assert code == 0
+    created, scratch = seen["created"], seen["scratch"]
+    env = created["environment"]
+    assert {key: env[key] for key in container.THREAD_ENV} == {**{k: "3" for k in container.THREAD_ENV},
+                                                               "MKL_NUM_THREADS": "1"}  # --env wins
+    assert "SECRET_TOKEN" not in env  # only the job's settings, not the caller's whole environment
+    assert scratch.parent == host_tmp and seen["exists"]  # on the disk Snakemake's tmpdir resource chose
+    assert all(env[key] == str(scratch) for key in ("TMPDIR", "TMP", "TEMP", "TEMPDIR"))
+    assert created["volumes"][str(scratch)] == {"bind": str(scratch), "mode": "rw"}
+    if os.getuid() == 0:
+        assert seen["owner"] == (5, 6)  # writable by the uid the step runs as
+    else:
+        assert seen["mode"] == 0o1777
+    assert not scratch.exists() and list(host_tmp.iterdir()) == []
+    assert created["user"] == "5:6" and created["cap_drop"] == ["ALL"]
+    assert created["security_opt"] == ["no-new-privileges"]
+    # without inheriting: only what was asked for (and the scratch folder)
+    run_in_docker("img", ["true"], work, user=(5, 6), client=client, stdout=Sink(), stderr=Sink(),  # type: ignore[arg-type]
+                  inherit_env=False)
+    assert set(client.containers.create.call_args.kwargs["environment"]) == {"TMPDIR", "TMP", "TEMP", "TEMPDIR"}
+
+
+needs_root = pytest.mark.skipif(os.getuid() != 0, reason="hands files over with chown: needs root")
+NOBODY = (65534, 65534)
+
+
+@pytest.fixture
+def root_run(tmp_path: Path) -> dict[str, Any]:
+    """A working folder as a root Snakemake leaves it before a job: output parents made, a resumable state."""
+    work = tmp_path / "work"
+    (work / "results" / "runs").mkdir(parents=True)
+    (work / "results" / "data").mkdir()
+    (work / "results" / "data" / "m.parquet").write_text("input")
+    state = work / "results" / "work" / "m" / "state.bin"
+    state.parent.mkdir(parents=True)
+    state.write_text("step 3")
+    os.chown(state, 1234, 1234)  # a previous owner that must come back
+    return {"work": work, "state": state,
+            "argv": ["python", "-m", "stages.train", "--data", "results/data", "--out", "results/runs/m",
+                     "--work", "results/work/m"]}
+
+
+def _play_step(work: Path, seen: dict[str, Any]) -> None:
+    """What the step does as nobody: checks it may write, writes its outputs, leaves a temp file behind."""
+    runs, state = work / "results" / "runs", work / "results" / "work" / "m"
+    seen.update(parent=_owner(runs), state_dir=_owner(state), state=_owner(state / "state.bin"),
+                data=_owner(work / "results" / "data"))
+    (runs / "m").mkdir()
+    for path in (runs / "m", runs / "m" / "model.safetensors", runs / ".m.tmp"):
+        if not path.exists():
+            path.write_text("w")
+        os.chown(path, *NOBODY)  # as the container's uid would own them
+    (state / "state.bin").write_text("step 4")
+
+
+@needs_root
+def test_root_caller_runs_as_nobody_and_gets_its_outputs_back(root_run: dict[str, Any]) -> None:
+    pytest.importorskip("docker")
+    work = root_run["work"]
+    seen: dict[str, Any] = {}
+    box = StepContainer(lambda: _play_step(work, seen))
+    client = fake_client(box)
+    assert run_in_docker("img", root_run["argv"], work, client=client, stdout=Sink(), stderr=Sink()) == 0  # type: ignore[arg-type]
+    assert client.containers.create.call_args.kwargs["user"] == "65534:65534"
+    # during the run: the job's outputs and their parent folder were nobody's; its inputs were not touched
+    assert seen == {"parent": NOBODY, "state_dir": NOBODY, "state": NOBODY, "data": (0, 0)}
+    # afterwards: new files are the caller's, the old ones their previous owner's, the parent is back
+    runs = work / "results" / "runs"
+    for path in (runs, runs / "m", runs / "m" / "model.safetensors", runs / ".m.tmp"):
+        assert _owner(path) == (0, 0), path
+    assert _owner(root_run["state"]) == (1234, 1234) and _owner(root_run["state"].parent) == (0, 0)
+    assert list((work / container.STATE_DIR).glob("parents-*")) == []  # journal done with
+
+
+@needs_root
+def test_shared_parent_folders_are_given_back_by_the_last_job(root_run: dict[str, Any]) -> None:
+    """While another job runs in the same working folder, the parent stays handed over; the last job gives it back."""
+    import fcntl
+
+    pytest.importorskip("docker")
+    work = root_run["work"]
+    (work / container.STATE_DIR).mkdir(mode=0o700)
+    other = os.open(work / container.STATE_DIR / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(other, fcntl.LOCK_SH)  # another launcher's container is running
+    try:
+        seen: dict[str, Any] = {}
+        run_in_docker("img", root_run["argv"], work, client=fake_client(StepContainer(lambda: _play_step(work, seen))),
+                      stdout=Sink(), stderr=Sink())  # type: ignore[arg-type]
+        runs = work / "results" / "runs"
+        assert _owner(runs / "m" / "model.safetensors") == (0, 0)  # the job's own outputs: back at once
+        assert _owner(runs) == NOBODY  # the shared parent: the other job may still write into it
+        assert len(list((work / container.STATE_DIR).glob("parents-*"))) == 1
+    finally:
+        os.close(other)
+    run_in_docker("img", ["python", "-m", "stages.merge", "--out", "results/runs/n"], work,
+                  client=fake_client(StepContainer(lambda: None)), stdout=Sink(), stderr=Sink())  # type: ignore[arg-type]
+    assert _owner(work / "results" / "runs") == (0, 0) and _owner(work / "results" / "runs" / ".m.tmp") == (0, 0)
+    assert list((work / container.STATE_DIR).glob("parents-*")) == []
 
 
 # ---- the real thing ----------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 HIPPO = SHARED / "data" / "hippocampus"
 
 MANIFEST_COLUMNS = [
-    "case", "split", "image_path", "label_path", "image_sha256", "label_sha256", "orig_shape",
+    "case", "split", "image_path", "label_path", "image_sha256", "label_sha256", "array_sha256", "seg_sha256",
+    "orig_shape",
     "orig_spacing", "orig_affine", "orig_axcodes", "crop_box", "cropped_shape", "shape", "spacing",
     "intensity_mean", "intensity_std", "intensity_p005", "intensity_p995", "label_counts", "num_classes",
 ]
@@ -100,6 +101,9 @@ def test_run_writes_cases_and_manifest(tmp_path: Path) -> None:
     assert row["image_path"] == str(tmp_path / "ds" / "imagesTr" / "case_000.nii.gz")
     assert row["image_sha256"] == sha256_file(row["image_path"])
     assert row["label_sha256"] == sha256_file(row["label_path"])
+    for _, r in manifest.iterrows():  # the preprocessed arrays too, as written (the audit re-checks them)
+        assert r["array_sha256"] == sha256_file(out / "cases" / f"{r['case']}.npy")
+        assert r["seg_sha256"] == sha256_file(out / "cases" / f"{r['case']}_seg.npy")
     assert row["orig_axcodes"] == "LPS" and list(row["orig_shape"]) == [11, 12, 9]
     assert list(row["orig_spacing"]) == [1.0, 1.0, 2.0] and len(row["orig_affine"]) == 16
     assert list(row["crop_box"]) == [1, 10, 1, 11, 1, 8] and list(row["cropped_shape"]) == [9, 10, 7]
@@ -162,7 +166,8 @@ def test_unlabelled_set_is_a_pool(tmp_path: Path) -> None:
     manifest = table.to_pandas()
     assert set(manifest["split"]) == {"pool"}
     assert manifest["label_path"].isna().all() and manifest["label_counts"].isna().all()
-    assert manifest["num_classes"].isna().all()
+    assert manifest["num_classes"].isna().all() and manifest["seg_sha256"].isna().all()
+    assert manifest["array_sha256"].notna().all()
     assert str(table.schema.field("label_path").type) == "string"
     assert not list((tmp_path / "out" / "cases").glob("*_seg.npy"))
 

@@ -47,7 +47,9 @@ def predict_probabilities(
     """
     was_training = model.training
     model.eval()
-    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(device)
+    # "W": a read-only memmap (every stage opens the cases with mmap_mode="r") is copied once here; handed to
+    # torch as is, torch warned "The given NumPy array is not writable" for every case
+    x = torch.from_numpy(np.require(image, np.float32, ["C", "W"]))[None].to(device)
     logits = sliding_window_inference(
         x,
         roi_size=tuple(int(s) for s in patch_size),

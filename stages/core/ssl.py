@@ -93,7 +93,7 @@ def make_views(
         zero padding, rotated with the crop); ``rotation`` (n,) long, k; ``origin`` (n, 3) long, crop corner.
     """
     if isinstance(volume, np.ndarray):
-        volume = torch.as_tensor(np.asarray(volume, dtype=np.float32))
+        volume = torch.as_tensor(np.require(volume, np.float32, ["W"]))
     if volume.ndim != 4:
         raise ValueError(f"volume must be (C, X, Y, Z), got shape {tuple(volume.shape)}")
     p = _patch3(patch_size)
@@ -250,7 +250,7 @@ def case_view_losses(
     """
     if R < 1 or batch < 1:
         raise ValueError(f"R and batch must be >= 1, got R={R}, batch={batch}")
-    vol = torch.as_tensor(np.asarray(volume, dtype=np.float32)) if isinstance(volume, np.ndarray) else volume
+    vol = torch.as_tensor(np.require(volume, np.float32, ["W"])) if isinstance(volume, np.ndarray) else volume
     views = make_views(vol, R, patch_size, mask_ratio, mask_patch, case_generator(seed, case_id), mask_fill)
     return _view_losses(model, views, batch)
 
@@ -412,7 +412,7 @@ def pooled_case_feature(
         float32 array of shape (feature_dim,).
     """
     p = _patch3(patch_size)
-    vol = torch.as_tensor(np.asarray(volume, dtype=np.float32)) if isinstance(volume, np.ndarray) else volume
+    vol = torch.as_tensor(np.require(volume, np.float32, ["W"])) if isinstance(volume, np.ndarray) else volume
     if vol.ndim != 4:
         raise ValueError(f"volume must be (C, X, Y, Z), got shape {tuple(vol.shape)}")
     vol = vol.detach().to("cpu", torch.float32)
