@@ -401,9 +401,14 @@ def import_settings():
     )
 
 
+def train_threads():
+    """Threads of a training job (Snakemake gives fewer when --cores is smaller); not a setting: not hashed."""
+    return config["train"]["threads"]
+
+
 def train_dict():
     return {
-        **config["train"],
+        **{k: v for k, v in config["train"].items() if k != "threads"},
         "overlap": config["inference"]["overlap"],
         "seed": config["seed"],
         "device": config["device"],
