@@ -98,6 +98,9 @@ _BLOCK_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"^ssl_heads\."), "heads.ssl"),
     (re.compile(r"^seg_heads\."), "heads.seg"),
 )
+# MONAI's strided UNet (FoundationNet arch "unet"): backbone.model.(1.submodule.)* then the level's
+# child index (0 down, 2 up) or, at the bottom, the bottom layer's own parameter names.
+_UNET_LEVEL = re.compile(r"^backbone\.model\.((?:1\.submodule\.)*)(?:(\d+)\.|[a-z])")
 _BLOCK_GROUPS = {"encoder": 0, "skip": 1, "decoder": 2, "backbone": 3, "heads": 4, "other": 5}
 AGGREGATES = ("backbone", "total")
 
@@ -113,6 +116,13 @@ def block_of(name: str) -> str:
     Args:
         name: a ``model.safetensors`` key (``backbone.*``, ``ssl_heads.*``, ``seg_heads.{task}.*``).
     """
+    unet = _UNET_LEVEL.match(name)
+    if unet:
+        # MONAI UNet: level d (0 = top) is Sequential(down "0", SkipConnection "1", up "2"); the bottom
+        # layer sits inside the last SkipConnection and counts as the deepest encoder block
+        depth = unet.group(1).count("submodule.")
+        index = unet.group(2)
+        return f"decoder.{depth}" if index == "2" else f"encoder.{depth}"
     for pattern, block in _BLOCK_RULES:
         match = pattern.match(name)
         if match:

@@ -63,7 +63,10 @@ _KNOWN_SETTINGS = {
     "seed",
     "preprocessing",
 }
-_OUTPUT_CONV = {"basicunet": "backbone.final_conv.", "swinunetr": "backbone.out."}
+# The backbone's output conv, which FoundationNet replaces by the task heads. MONAI's UNet keeps its
+# last layer (it writes the decoder features), so a plain UNet checkpoint must have out_channels =
+# channels[0] to import.
+_OUTPUT_CONV = {"basicunet": "backbone.final_conv.", "swinunetr": "backbone.out.", "unet": None}
 _SWIN_BLOCKS = (
     "encoder1.",
     "encoder2.",
@@ -174,7 +177,8 @@ def map_keys(
                 continue
         else:
             new = key
-            if new.startswith(_OUTPUT_CONV[arch]):
+            output_conv = _OUTPUT_CONV.get(arch)
+            if output_conv is not None and new.startswith(output_conv):
                 dropped.append(key)
                 continue
         if new in mapped:

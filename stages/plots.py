@@ -228,7 +228,8 @@ def budget_curves(budget: pd.DataFrame, colours: Mapping[str, Any]) -> Figure | 
 
 
 def training_curves(logs: pd.DataFrame, colours: Mapping[str, Any]) -> Figure | None:
-    """Training loss against iteration, one panel per kind of job, one line per job.
+    """Training loss against iteration, one panel per kind of job, one line per job; validation Dice
+    (where the job computed it) as markers on a right-hand axis.
 
     Args:
         logs: ``training_logs.parquet`` (method, step, stage, iteration, loss, ...).
@@ -253,9 +254,32 @@ def training_curves(logs: pd.DataFrame, colours: Mapping[str, Any]) -> Figure | 
         ax.set_ylabel("loss")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=1 + len(part.groupby(["method", "step"])) // 12)
+        _val_dice(ax, part, colours)
     for ax in axes[len(stages):]:
         ax.set_visible(False)
     return fig
+
+
+def _val_dice(ax: Any, part: pd.DataFrame, colours: Mapping[str, Any]) -> None:
+    """Validation Dice (the trainer's ``val_score``, where computed) on a right-hand axis, as markers.
+
+    The best point of each job, the checkpoint it wrote, is ringed, so a plateau and the chosen step show.
+    """
+    if "val_score" not in part.columns:
+        return
+    val = part[np.isfinite(part["val_score"].astype(float))]
+    if val.empty:
+        return
+    right = ax.twinx()
+    for (method, _), grp in val.groupby(["method", "step"], sort=True):
+        grp = grp.sort_values("iteration")
+        colour = colours.get(method, "black")
+        right.plot(grp["iteration"], grp["val_score"], marker="o", markersize=3, linestyle="-", linewidth=0.6,
+                   alpha=0.8, color=colour)
+        best = grp.loc[grp["val_score"].idxmax()]
+        right.plot([best["iteration"]], [best["val_score"]], marker="o", markersize=8, fillstyle="none", color=colour)
+    right.set_ylabel("validation Dice (o, best ringed)")
+    right.set_ylim(0.0, 1.0)
 
 
 def _canonical(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:

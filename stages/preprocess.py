@@ -19,6 +19,11 @@ Settings (defaults in :data:`DEFAULT_SETTINGS`):
 - ``target_spacing`` ([x, y, z] mm along canonical R, A, S, or null): null takes the per-axis median
   spacing of all cases.
 - ``normalisation`` ("auto" | "ct" | "mr"): auto is ``ct`` for a CT modality in dataset.json, else ``mr``.
+- ``holdout`` ({"fraction": float, "keep": "held" | "rest"} or null): a seeded share of the dataset's
+  cases (``floor(fraction * n + 0.5)``, chosen by the SHA-256 of seed and case id, so every job on the
+  same dataset agrees) held back for pre-training: ``keep: held`` keeps only those (the pool),
+  ``keep: rest`` drops them before the split (a task), so M0 never sees a task's case. The target
+  spacing's median is still taken over every case, so pool and tasks are resampled alike.
 - ``ct_stats`` ({"mean", "std", "p005", "p995"} or null): fixed CT statistics; null computes them from
   the training split's foreground (label > 0), which an unlabelled CT pool does not have, so there
   they are required.
@@ -59,7 +64,7 @@ from stages.core.log import stage_log
 from stages.core.msd import Dataset, ValidatedCase, dataset_labels, load_nifti_3d, read_dataset, validate_dataset
 from stages.core.split import split_cases
 
-__all__ = ["DEFAULT_SETTINGS", "MANIFEST_SCHEMA", "resolve_settings", "split_cases", "run", "main"]
+__all__ = ["DEFAULT_SETTINGS", "MANIFEST_SCHEMA", "held_out_cases", "resolve_settings", "split_cases", "run", "main"]
 
 DEFAULT_SETTINGS: dict[str, Any] = {
     "labelled": True,
@@ -70,6 +75,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "normalisation": "auto",
     "ct_stats": None,
     "max_voxels": 100_000_000,
+    "holdout": None,
 }
 
 #: a case whose resampled size is this many times the dataset's median, or whose spacing is this many
@@ -143,6 +149,15 @@ def resolve_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
             raise InputError("settings.labels", f"must be null or a non-empty list of integers, got {labels!r}")
         if 0 in labels or len(set(labels)) != len(labels):
             raise InputError("settings.labels", f"must list distinct non-zero label values, got {labels}")
+    holdout = out["holdout"]
+    if holdout is not None:
+        if not isinstance(holdout, Mapping) or set(holdout) != {"fraction", "keep"}:
+            raise InputError("settings.holdout", f"must be null or {{fraction, keep}}, got {holdout!r}")
+        if isinstance(holdout["fraction"], bool) or not isinstance(holdout["fraction"], (int, float)) \
+                or not 0 <= holdout["fraction"] < 1:
+            raise InputError("settings.holdout.fraction", f"must be in [0, 1), got {holdout['fraction']!r}")
+        if holdout["keep"] not in ("held", "rest"):
+            raise InputError("settings.holdout.keep", f"must be 'held' or 'rest', got {holdout['keep']!r}")
     split = out["split"]
     if set(split) - {"val", "test"}:
         raise InputError("settings.split", f"unknown keys {sorted(set(split) - {'val', 'test'})} (known: val, test)")
@@ -395,6 +410,19 @@ def _preprocess_one(
 # ------------------------------------------------------------------------------------------------ run
 
 
+def held_out_cases(case_ids: Sequence[str], seed: int, fraction: float) -> set[str]:
+    """The ``floor(fraction * n + 0.5)`` case ids with the smallest SHA-256 of (seed, "holdout", id).
+
+    Depends only on the ids, the seed and the fraction, so a task and the pool built from the same
+    dataset agree on which cases are held back.
+    """
+    import hashlib
+
+    count = math.floor(fraction * len(case_ids) + 0.5)
+    ranked = sorted(case_ids, key=lambda c: hashlib.sha256(f"{seed}\0holdout\0{c}".encode()).hexdigest())
+    return set(ranked[:count])
+
+
 def run(dataset: Path, out: Path, settings: Mapping[str, Any]) -> None:
     """Validate ``dataset`` and write the preprocessed cases and ``manifest.parquet`` under ``out``.
 
@@ -416,6 +444,12 @@ def run(dataset: Path, out: Path, settings: Mapping[str, Any]) -> None:
     spacings = [canonical_spacing(c.affine) for c in cases]
     target = cfg["target_spacing"] or median_spacing(spacings)
     _check_sizes(ds, cases, spacings, target, cfg["max_voxels"])
+    if cfg["holdout"] is not None:
+        held = held_out_cases([c.case_id for c in cases], seed, cfg["holdout"]["fraction"])
+        keep_held = cfg["holdout"]["keep"] == "held"
+        cases = [c for c in cases if (c.case_id in held) == keep_held]
+        if not cases:
+            raise InputError(dataset, f"holdout {cfg['holdout']} leaves no case")
 
     if labelled:
         labels = dataset_labels(ds, cases)

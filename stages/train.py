@@ -168,7 +168,10 @@ def recipe_multitask(job: Job) -> Plan:
         return {"loss": loss, "seg": loss.detach(), "task_index": torch.tensor(float(k))}
 
     params = list(model.backbone.parameters()) + _head_params(model, job.tasks)
-    return Plan(model, params, step_fn, None, _save_model(model))
+    # validation: the mean over the tasks (that have a val split) of each task's mean Dice
+    validators = [v for v in (_maybe_validator(model, job, i) for i in range(len(job.tasks))) if v is not None]
+    validate = (lambda net: float(np.mean([v(net) for v in validators]))) if validators else None
+    return Plan(model, params, step_fn, validate, _save_model(model))
 
 
 def recipe_retention(job: Job) -> Plan:
@@ -370,6 +373,7 @@ def run(
             steps=settings["steps"],
             lr=settings["lr"],
             weight_decay=settings["weight_decay"],
+            warmup_steps=settings.get("warmup_steps", 0),
             checkpoint_every=settings["checkpoint_every"],
             val_every=settings.get("val_every", 0),
             amp=settings.get("amp", True),
@@ -411,7 +415,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--work", type=Path, required=True, help="folder for resumable state")
     parser.add_argument("--settings", type=json.loads, default={}, help="JSON object of settings")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (the rule's threads); default: torch's own choice")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise InputError("--threads", f"must be >= 1, got {args.threads}")
+        # CPU results are bit-identical for a given thread count, not across thread counts
+        torch.set_num_threads(args.threads)
     with stage_log(parser, args):
         run(args.recipe, args.init, args.data, args.task, args.out, args.work, args.settings, args.teacher, args.buffer,
             args.pseudo)

@@ -134,6 +134,11 @@ def test_blocks_cover_both_monai_backbones() -> None:
     swin_blocks = {drift.block_of(n) for n, _ in swin.named_parameters()}
     assert swin_blocks == {f"encoder.{k}" for k in range(5)} | {f"skip.{k}" for k in (1, 2, 3, 4, 10)} | {
         f"decoder.{k}" for k in range(1, 6)} | {"heads.seg"}
+    unet = FoundationNet("unet", 1, {"channels": [4, 8, 8], "num_res_units": 1, "norm": ["group", {"num_groups": 2}]},
+                         heads={"t": 2}, seed=0)
+    # two levels (down 0 and 1, up 0 and 1) and the bottom layer, encoder.2
+    assert {drift.block_of(n) for n, _ in unet.named_parameters()} == {
+        "encoder.0", "encoder.1", "encoder.2", "decoder.1", "decoder.0", "heads.seg"}
     ordered = sorted(swin_blocks | {"total", "backbone"}, key=drift.block_sort_key)
     assert ordered[:2] == ["encoder.0", "encoder.1"] and ordered[-2:] == ["backbone", "total"]
     assert ordered.index("decoder.5") < ordered.index("decoder.1") < ordered.index("heads.seg")

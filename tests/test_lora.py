@@ -24,6 +24,16 @@ def _unet() -> FoundationNet:
     return FoundationNet("basicunet", arch_kwargs=TINY_UNET, ssl={}, heads={"old": 2, "new": 3}, seed=1)
 
 
+STRIDED_UNET = {"channels": [4, 8, 8], "num_res_units": 1, "norm": ["group", {"num_groups": 2}]}
+
+
+def _strided() -> FoundationNet:
+    return FoundationNet("unet", arch_kwargs=STRIDED_UNET, ssl={}, heads={"old": 2, "new": 3}, seed=1)
+
+
+_BUILD = {"basicunet": lambda: _unet(), "swinunetr": lambda: _swin(), "unet": lambda: _strided()}
+
+
 def _swin() -> FoundationNet:
     return FoundationNet("swinunetr", arch_kwargs=TINY_SWIN, ssl={}, heads={"old": 2, "new": 3}, seed=1)
 
@@ -97,12 +107,27 @@ def test_trainable_counts_swin_linear() -> None:
     assert sum(r * (modules[n].in_features + modules[n].out_features) for n in stage1) == 768
 
 
-@pytest.mark.parametrize("arch", ["basicunet", "swinunetr"])
+def test_targets_strided_unet() -> None:
+    model = _strided()
+    targets = lora_targets(model)
+    modules = dict(model.named_modules())
+    assert targets and all(type(modules[n]) is nn.Conv3d and modules[n].kernel_size == (3, 3, 3) for n in targets)
+    # every 3x3x3 conv of the backbone is a target; the transposed up-samplers are not (no PEFT LoRA for them)
+    convs = [n for n, m in model.backbone.named_modules() if type(m) is nn.Conv3d and m.kernel_size == (3, 3, 3)]
+    assert len(targets) == len(convs)
+    ups = [n for n, m in model.named_modules() if isinstance(m, nn.ConvTranspose3d)]
+    assert len(ups) == 2 and not set(ups) & set(targets)
+    peft_model = add_lora(model, rank=2, alpha=2, train_heads=["new"])
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert not any("lora" not in n and "seg_heads" not in n for n in trainable)
+
+
+@pytest.mark.parametrize("arch", ["basicunet", "swinunetr", "unet"])
 def test_merge_equivalence(arch: str) -> None:
     if arch == "swinunetr":
         pytest.importorskip("einops", reason="MONAI's SwinUNETR forward needs einops")
-    model = (_unet() if arch == "basicunet" else _swin()).eval()
-    shape = (2, 1, 19, 18, 17) if arch == "basicunet" else (1, 1, 32, 32, 32)
+    model = _BUILD[arch]().eval()
+    shape = (1, 1, 32, 32, 32) if arch == "swinunetr" else (2, 1, 19, 18, 17)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         base = model.segment(x, "new")
@@ -116,7 +141,7 @@ def test_merge_equivalence(arch: str) -> None:
     merged = merge_lora(peft_model)
     assert type(merged) is FoundationNet
     assert not any("lora" in k or "modules_to_save" in k for k in merged.state_dict())
-    assert set(merged.state_dict()) == set(_unet().state_dict() if arch == "basicunet" else _swin().state_dict())
+    assert set(merged.state_dict()) == set(_BUILD[arch]().state_dict())
     with torch.no_grad():
         assert torch.allclose(merged.segment(x, "new"), adapted, atol=1e-5)
         assert torch.allclose(merged.encode(x), feats, atol=1e-5)

@@ -47,6 +47,37 @@ def test_basicunet_shapes(shape: tuple[int, ...]) -> None:
         model.segment(x, "spleen")
 
 
+STRIDED_UNET = {"channels": [4, 8, 8, 16], "num_res_units": 1, "norm": ["group", {"num_groups": 2}]}
+
+
+@pytest.mark.parametrize("norm", [["group", {"num_groups": 2}], ["instance", {"affine": True}]])
+@pytest.mark.parametrize("shape", [(2, 1, 19, 21, 23), (1, 1, 32, 24, 16)])
+def test_strided_unet_shapes(shape: tuple[int, ...], norm: list) -> None:
+    model = FoundationNet("unet", arch_kwargs={**STRIDED_UNET, "norm": norm}, ssl={}, heads={"liver": 3}, seed=2).eval()
+    assert model.arch_kwargs["strides"] == [2, 2, 2] and model.stride == 8
+    assert (model.feature_dim, model.decoder_dim) == (16, 4)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        deepest, decoded = model.forward_features(x)
+        out = model.ssl_forward(x)
+        logits = model.segment(x, "liver")
+    padded = [-(-n // 8) for n in shape[2:]]  # sides padded up to a multiple of the total stride
+    assert deepest.shape == (shape[0], 16, *padded) and decoded.shape == (shape[0], 4, *shape[2:])
+    with torch.no_grad():
+        assert torch.equal(model.encode(x), deepest)
+    assert out["reconstruction"].shape == shape and out["rotation"].shape == (shape[0], 4)
+    assert logits.shape == (shape[0], 3, *shape[2:])
+    if all(n % 8 == 0 for n in shape[2:]):
+        # the level-by-level pass is MONAI's own forward, nothing replaced
+        with torch.no_grad():
+            assert torch.allclose(decoded, model.backbone(x), atol=1e-6)
+
+
+def test_strided_unet_bad_strides() -> None:
+    with pytest.raises(ValueError, match="strides"):
+        FoundationNet("unet", arch_kwargs={"channels": [4, 8, 16], "strides": [2]})
+
+
 def test_swinunetr_shapes_and_state_dict() -> None:
     model = FoundationNet("swinunetr", arch_kwargs=TINY_SWIN, ssl={"contrastive": True}, heads={"t": 2}, seed=0)
     keys = model.state_dict().keys()

@@ -128,3 +128,17 @@ def test_missing_prediction_is_refused_before_any_figure(run_dir: Path) -> None:
         plots.parse_overlay("t:results/eval")
     with pytest.raises(InputError, match="unknown keys"):
         plots.run(Path("results/summary"), Path("figs"), {"colour": "red"})
+
+
+def test_training_curves_show_validation_dice_on_a_second_axis() -> None:
+    logs = pd.DataFrame({"method": "parallel_ft", "step": "t", "stage": "train", "iteration": [1, 2, 3, 4],
+                         "loss": [2.0, 1.5, 1.2, 1.1], "val_score": [np.nan, 0.4, np.nan, 0.6]})
+    fig = plots.training_curves(logs, {"parallel_ft": "C0"})
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(axes) == 2  # the loss axis and its twin with the validation Dice
+    lines = axes[1].get_lines()
+    assert list(lines[0].get_xdata()) == [2, 4] and list(lines[0].get_ydata()) == [0.4, 0.6]
+    assert list(lines[1].get_xdata()) == [4]  # the best point, ringed
+    # without any validation score, no second axis
+    fig = plots.training_curves(logs.assign(val_score=np.nan), {})
+    assert len([ax for ax in fig.axes if ax.get_visible()]) == 1

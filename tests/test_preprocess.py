@@ -172,6 +172,21 @@ def test_unlabelled_set_is_a_pool(tmp_path: Path) -> None:
     assert not list((tmp_path / "out" / "cases").glob("*_seg.npy"))
 
 
+def test_holdout_splits_pool_and_task_disjointly(tmp_path: Path) -> None:
+    from stages.preprocess import held_out_cases
+
+    ids = make_dataset(tmp_path / "ds", n=6)
+    held = held_out_cases(ids, 0, 0.34)
+    assert len(held) == 2 and held == held_out_cases(list(reversed(ids)), 0, 0.34)
+    run(tmp_path / "ds", tmp_path / "pool", {"labelled": False, "holdout": {"fraction": 0.34, "keep": "held"}})
+    run(tmp_path / "ds", tmp_path / "task", {"holdout": {"fraction": 0.34, "keep": "rest"}, "split": {"val": 0.0, "test": 0.25}})
+    pool = set(pq.read_table(tmp_path / "pool" / "manifest.parquet").to_pandas()["case"])
+    task = set(pq.read_table(tmp_path / "task" / "manifest.parquet").to_pandas()["case"])
+    assert pool == held and task == set(ids) - held
+    with pytest.raises(InputError, match="holdout"):
+        run(tmp_path / "ds", tmp_path / "bad", {"holdout": {"fraction": 1.5, "keep": "rest"}})
+
+
 def test_ct_uses_training_foreground_statistics(tmp_path: Path) -> None:
     make_dataset(tmp_path / "ds", n=5, modality="CT")
     run(tmp_path / "ds", tmp_path / "out", {"split": {"val": 0.2, "test": 0.2}})
@@ -257,6 +272,7 @@ def test_resolve_settings_fills_defaults() -> None:
     assert resolve_settings({"split": {"val": 0.1}}) == {
         "labelled": True, "labels": None, "seed": 0, "split": {"val": 0.1, "test": 0.2},
         "target_spacing": None, "normalisation": "auto", "ct_stats": None, "max_voxels": 100_000_000,
+        "holdout": None,
     }
 
 

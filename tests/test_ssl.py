@@ -197,6 +197,21 @@ def test_pooled_case_feature_tiling() -> None:
     assert np.allclose(pooled_case_feature(model, long[:, :24], 16), (f2[0] + 0.5 * f2[1]) / 1.5, atol=1e-6)
 
 
+def test_pooled_case_feature_keeps_the_most_textured_windows() -> None:
+    model = _model().eval()
+    g = torch.Generator().manual_seed(1)
+    # four windows along x: flat, busy, flat, busier; a bound of 2 keeps the busy ones (raster order)
+    parts = [torch.zeros(1, 16, 16, 16), torch.randn(1, 16, 16, 16, generator=g),
+             torch.full((1, 16, 16, 16), 0.5), 2.0 * torch.randn(1, 16, 16, 16, generator=g)]
+    volume = torch.cat(parts, dim=1)
+    with torch.no_grad():
+        each = model.pooled_features(torch.stack(parts)).double().numpy()
+    bounded = pooled_case_feature(model, volume, 16, max_windows=2)
+    assert np.allclose(bounded, (each[1] + each[3]) / 2, atol=1e-6)
+    assert np.allclose(pooled_case_feature(model, volume, 16, max_windows=None), each.mean(0), atol=1e-6)
+    assert np.allclose(pooled_case_feature(model, volume, 16, max_windows=4), each.mean(0), atol=1e-6)
+
+
 def test_feature_stats_and_mahalanobis() -> None:
     rng = np.random.default_rng(0)
     few = rng.normal(size=(10, 40))  # N < F: the sample covariance is singular

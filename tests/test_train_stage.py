@@ -166,3 +166,60 @@ def test_killed_training_resumes_to_a_bit_identical_model(world: dict[str, Path]
     rerun = subprocess.run(_train_cmd(world, out, steps), check=True, capture_output=True, text=True)
     assert "resuming from step" in rerun.stderr
     assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
+
+
+def _with_val_split(world: dict[str, Path], where: Path) -> Path:
+    """A copy of the first task's folder whose manifest puts one training case into the val split."""
+    import shutil
+
+    from stages.core.io import read_parquet
+
+    data = where / "organ_lesion"
+    shutil.copytree(world["data1"], data)
+    manifest = read_parquet(data / "manifest.parquet")
+    first = manifest.index[manifest["split"] == "train"][0]
+    manifest.loc[first, "split"] = "val"
+    write_parquet(manifest, data / "manifest.parquet", make_provenance("preprocess", {}))
+    return data
+
+
+def test_validation_selects_the_best_step_with_warmup(world: dict[str, Path], tmp_path: Path) -> None:
+    from stages.core.io import read_provenance
+
+    data = _with_val_split(world, tmp_path)
+    out = tmp_path / "val"
+    train(world, out, data=data, settings={"val_every": 2, "warmup_steps": 2})
+    log = pd.read_parquet(out / "train_log.parquet")
+    scored = log[np.isfinite(log["val_score"])]
+    assert scored["step"].tolist() == [2, 4, 6] and ((scored["val_score"] >= 0) & (scored["val_score"] <= 1)).all()
+    # linear warm-up over 2 steps, then the cosine decay from the peak
+    assert log["lr"].tolist()[:3] == pytest.approx([0.001, 0.002, 0.002])
+    best = int(scored.loc[scored["val_score"].idxmax(), "step"])
+    assert read_provenance(out / "train_log.parquet")["best_step"] == best
+    assert read_provenance(out / "model.safetensors")["best_step"] == best
+
+
+def test_multitask_validates_the_mean_over_tasks(world: dict[str, Path], tmp_path: Path) -> None:
+    from stages.train import run
+
+    data = _with_val_split(world, tmp_path)
+    out = tmp_path / "mt"
+    run("multitask", world["m0"], [data, world["data2"]], ["organ_lesion", "paired_organs"], out,
+        tmp_path / "mt_work", {**SETTINGS, "val_every": 3})
+    log = pd.read_parquet(out / "train_log.parquet")
+    assert log.loc[np.isfinite(log["val_score"]), "step"].tolist() == [3, 6]
+
+
+def test_threads_flag_sets_torch_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stages import train as stage
+
+    seen = []
+    monkeypatch.setattr(stage, "run", lambda *a, **k: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    try:
+        stage.main(["--init", "m", "--data", "d", "--task", "t", "--out", "o", "--work", "w", "--threads", "2"])
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [2]
+    with pytest.raises(InputError, match="--threads"):
+        stage.main(["--init", "m", "--data", "d", "--task", "t", "--out", "o", "--work", "w", "--threads", "0"])

@@ -160,12 +160,23 @@ def _check_task_dataset(config: Mapping[str, Any], index: int, task: Mapping[str
                     f"{key}.labels", f"label values {unknown} are not declared by {task['dataset']}/dataset.json "
                     f"(its labels: {declared})")
         n, origin = len(dataset.cases), task["dataset"]
+    n, origin = _without_pool_holdout(config, task["dataset"], n, origin)
     n_train, n_val, n_test = split_counts(n, split["val"], split["test"])
     if n_test == 0:
         raise InputError(
             f"{source}: preprocess.split.test",
             f"task {task['name']!r} has {n} cases ({origin}): a test fraction of {split['test']} leaves it no "
             f"test case, so it could not be evaluated; raise preprocess.split.test or add cases")
+
+
+def _without_pool_holdout(config: Mapping[str, Any], dataset: str, n: int, origin: str) -> tuple[int, str]:
+    """The cases a task keeps when M0's pool holds back part of the same dataset (foundation.pool_holdout)."""
+    f = config["foundation"]
+    fraction = f.get("pool_holdout") or 0
+    if not fraction or not f["pool"] or Path(f["pool"]).resolve() != Path(dataset).resolve():
+        return n, origin
+    held = math.floor(fraction * n + 0.5)  # preprocess.held_out_cases' rounding
+    return n - held, f"{origin}, less {held} held back by foundation.pool_holdout"
 
 
 def _made_by_demo(path: str, config: Mapping[str, Any]) -> bool:
@@ -197,7 +208,7 @@ def _check_assft_budget(config: Mapping[str, Any], source: str) -> None:
     assft = config["assft"]
     target = assft["target"] or config["unseen"][0]
     dataset = next(t["dataset"] for t in config["tasks"] if t["name"] == target)
-    n, origin = _count_cases(dataset, config)
+    n, origin = _without_pool_holdout(config, dataset, *_count_cases(dataset, config))
     split = config["preprocess"]["split"]
     n_train = split_counts(n, split["val"], split["test"])[0]
     wanted = assft["rounds"] * assft["budget"]

@@ -45,7 +45,9 @@ def lora_targets(
     Default rule: SwinUNETR, the ``nn.Linear`` layers ``attn.qkv``, ``attn.proj``, ``mlp.linear1``,
     ``mlp.linear2`` of every Swin block in ``backbone.swinViT``; BasicUNet, every ``nn.Conv3d`` of the
     backbone with a 3x3x3 kernel (1x1x1 ones are left out: PEFT 0.21 cannot merge LoRA on them; the
-    heads are trained fully, never adapted).
+    heads are trained fully, never adapted); UNet, the same rule, which takes the convolutions of every
+    residual unit and the strided down convolutions, but not the ``ConvTranspose3d`` up-samplers (PEFT
+    has no LoRA for them): those stay frozen with the rest of M_{t-1}.
 
     Args:
         model: the network.

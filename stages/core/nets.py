@@ -42,7 +42,7 @@ __all__ = [
     "seed_from",
 ]
 
-ARCHS = ("basicunet", "swinunetr")
+ARCHS = ("basicunet", "swinunetr", "unet")
 
 #: Defaults merged under the ``arch_kwargs`` a caller gives. BasicUNet: a small CPU demo (ours). Group
 #: norm rather than MONAI's default instance norm, because instance norm fixes every channel's spatial
@@ -54,6 +54,15 @@ ARCHS = ("basicunet", "swinunetr")
 DEFAULT_ARCH_KWARGS: dict[str, dict[str, Any]] = {
     "basicunet": {"features": [8, 8, 16, 32, 64, 8], "norm": ["group", {"num_groups": 4}]},
     "swinunetr": {"feature_size": 24},
+    # MONAI's strided UNet (Kerfoot et al., 2018): one strided conv + residual units per level, about a
+    # tenth of BasicUNet's cost per voxel. Group norm for the same reason as BasicUNet's; ``["instance",
+    # {"affine": true}]`` (MONAI's default is non-affine instance norm) is the other supported choice.
+    "unet": {
+        "channels": [16, 32, 64, 128],
+        "strides": [2, 2, 2],
+        "num_res_units": 2,
+        "norm": ["group", {"num_groups": 4}],
+    },
 }
 
 #: Names of the SSL heads and the loss term each serves (Tang et al., CVPR 2022: inpainting, rotation,
@@ -171,6 +180,37 @@ def _init_conv_(module: nn.Conv3d | nn.Linear, generator: torch.Generator) -> No
         nn.init.uniform_(module.bias, -bound, bound, generator=generator)
 
 
+def _is_unet_level(block: nn.Module) -> bool:
+    """True for one level of MONAI's UNet, ``Sequential(down, SkipConnection(inner), up)``; False at the bottom."""
+    from monai.networks.layers import SkipConnection
+
+    return isinstance(block, nn.Sequential) and len(block) == 3 and isinstance(block[1], SkipConnection)
+
+
+def _unet_levels(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MONAI UNet's forward pass, level by level: (bottom layer's output, this level's output).
+
+    The same operations as ``block(x)`` (``SkipConnection`` concatenates input and inner output on the
+    channels, ``mode="cat"``), but also returning the deepest features.
+    """
+    if not _is_unet_level(block):
+        y = block(x)
+        return y, y
+    if block[1].mode != "cat":
+        raise ValueError(f"unet skip connections must concatenate, got mode {block[1].mode!r}")
+    down = block[0](x)
+    deepest, inner = _unet_levels(block[1].submodule, down)
+    return deepest, block[2](torch.cat([down, inner], dim=block[1].dim))
+
+
+def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad the spatial sides at their ends up to a multiple of ``multiple`` (a strided UNet needs it)."""
+    pad = [(-n) % multiple for n in x.shape[2:]]
+    if not any(pad):
+        return x
+    return nn.functional.pad(x, [p for side in reversed(pad) for p in (0, side)])
+
+
 class FoundationNet(nn.Module):
     """A MONAI encoder–decoder with SSL heads (``ssl_heads``) and per-task segmentation heads (``seg_heads``).
 
@@ -178,15 +218,20 @@ class FoundationNet(nn.Module):
     ``nn.Identity`` so that it is neither computed nor in the state dict: each task's 1x1x1 head in
     ``seg_heads`` takes its place.
 
-    Deepest features: BasicUNet ``down_4``; SwinUNETR the last (normalised) Swin stage,
+    MONAI's strided ``UNet`` (``arch="unet"``) keeps its whole network: its ``out_channels`` is set to
+    ``channels[0]`` and those are the decoder features. Its input is zero-padded at the end of each side
+    to a multiple of the total stride and the decoder output cropped back, so any size runs.
+
+    Deepest features: BasicUNet ``down_4``; UNet the bottom layer; SwinUNETR the last (normalised) Swin stage,
     ``swinViT(x)[4]``, the feature space its self-supervised heads were trained on (Tang et al.).
-    Decoder features: BasicUNet ``upcat_1``; SwinUNETR ``decoder1``.
+    Decoder features: BasicUNet ``upcat_1``; UNet the top up layer; SwinUNETR ``decoder1``.
 
     Args:
-        arch: "basicunet" or "swinunetr".
+        arch: "basicunet", "unet" or "swinunetr".
         in_channels: image channels.
         arch_kwargs: keyword arguments of the MONAI constructor, merged over
-            :data:`DEFAULT_ARCH_KWARGS` (``spatial_dims``, ``in_channels`` and ``out_channels`` are set here).
+            :data:`DEFAULT_ARCH_KWARGS` (``spatial_dims``, ``in_channels`` and ``out_channels`` are set here);
+            a key whose value is None is dropped.
         ssl: SSL settings (see :data:`DEFAULT_SSL`); ``None`` builds no SSL head.
         heads: ``{task: num_classes}`` segmentation heads to create (seeded from the task name).
         seed: if given, every initial weight comes from this seed (the global RNG is left untouched).
@@ -207,6 +252,10 @@ class FoundationNet(nn.Module):
         self.arch = arch
         self.in_channels = int(in_channels)
         kwargs = {**copy.deepcopy(DEFAULT_ARCH_KWARGS[arch]), **copy.deepcopy(arch_kwargs or {})}
+        # a null value removes the key (a config layered over another one can drop the other arch's keys)
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        if arch == "unet" and "channels" in (arch_kwargs or {}) and "strides" not in (arch_kwargs or {}):
+            kwargs["strides"] = [2] * (len(kwargs["channels"]) - 1)  # one halving per level by default
         for reserved in ("spatial_dims", "in_channels", "out_channels", "img_size"):
             if reserved in kwargs:
                 raise ValueError(f"arch_kwargs must not set {reserved!r} (FoundationNet sets it)")
@@ -229,6 +278,20 @@ class FoundationNet(nn.Module):
             features = tuple(kwargs["features"]) if "features" in kwargs else (32, 32, 64, 128, 256, 32)
             self.feature_dim = int(features[4])
             self.decoder_dim = int(features[5])
+        elif self.arch == "unet":
+            from monai.networks.nets import UNet
+
+            channels = tuple(int(c) for c in kwargs.pop("channels"))
+            strides = tuple(int(s) for s in kwargs.pop("strides"))
+            if len(channels) < 2 or len(strides) != len(channels) - 1:
+                raise ValueError(f"unet needs >= 2 channels and len(strides) = len(channels) - 1, got {channels}, {strides}")
+            # The top level's up layer writes ``channels[0]`` decoder features (its last conv is linear, as in
+            # MONAI's UNet); the task heads sit on them, so nothing of MONAI's network is replaced.
+            self.backbone = UNet(spatial_dims=3, in_channels=self.in_channels, out_channels=channels[0],
+                                 channels=channels, strides=strides, **kwargs)
+            self.stride = math.prod(strides)
+            self.feature_dim = int(channels[-1])
+            self.decoder_dim = int(channels[0])
         else:
             self.backbone = SwinUNETR(in_channels=self.in_channels, out_channels=1, spatial_dims=3, **kwargs)
             self.backbone.out = nn.Identity()
@@ -281,10 +344,17 @@ class FoundationNet(nn.Module):
 
     # ---- forward passes ----------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Deepest encoder feature map, shape (B, feature_dim, *spatial / 16 or 32); the decoder is not run."""
+        """Deepest encoder feature map, (B, feature_dim, *spatial / 16, 32 or the UNet's total stride); the decoder is not run."""
         b = self.backbone
         if self.arch == "basicunet":
             return b.down_4(b.down_3(b.down_2(b.down_1(b.conv_0(x)))))
+        if self.arch == "unet":
+            block = b.model
+            x = _pad_to(x, self.stride)
+            while _is_unet_level(block):
+                x = block[0](x)
+                block = block[1].submodule
+            return block(x)
         b._check_input_size(x.shape[2:])
         return b.swinViT(x, b.normalize)[4]
 
@@ -301,6 +371,10 @@ class FoundationNet(nn.Module):
             u3 = b.upcat_3(u4, x2)
             u2 = b.upcat_2(u3, x1)
             return x4, b.upcat_1(u2, x0)
+        if self.arch == "unet":
+            size = x.shape[2:]
+            deepest, decoded = _unet_levels(b.model, _pad_to(x, self.stride))
+            return deepest, decoded[(..., *(slice(0, n) for n in size))]
         b._check_input_size(x.shape[2:])
         hidden = b.swinViT(x, b.normalize)
         enc0 = b.encoder1(x)

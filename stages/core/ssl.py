@@ -385,6 +385,10 @@ def score_cases(
     return table
 
 
+#: Default bound on the windows :func:`pooled_case_feature` pools per case (feature statistics, features).
+FEATURE_WINDOWS = 16
+
+
 @torch.no_grad()
 def pooled_case_feature(
     model: FoundationNet,
@@ -392,14 +396,18 @@ def pooled_case_feature(
     patch_size: int | Sequence[int],
     batch: int = 8,
     device: torch.device | str | None = None,
+    max_windows: int | None = FEATURE_WINDOWS,
 ) -> np.ndarray:
-    """One feature vector per case: pooled deepest encoder features over the whole volume.
+    """One feature vector per case: pooled deepest encoder features over the whole volume, at bounded cost.
 
     Policy (ours): zero-pad the volume at the far end of each axis to a multiple of the patch, tile it
     with non-overlapping patch-size windows, take each window's global-average-pooled deepest features
     (:meth:`FoundationNet.pooled_features`, eval mode, ``batch`` windows at a time), and average the
     windows weighted by their fraction of real (unpadded) voxels, so padding-dominated edge windows
-    count less. Deterministic: no randomness.
+    count less. A volume with more than ``max_windows`` windows keeps only the ``max_windows`` windows
+    with the largest intensity standard deviation (the ones that hold anatomy rather than background;
+    ties by raster order), so the cost per case is bounded whatever the volume's size (a 190 x 140 x 88
+    volume has 90 windows of 32^3). Deterministic: no randomness.
 
     Args:
         model: the network.
@@ -407,6 +415,7 @@ def pooled_case_feature(
         patch_size: window size (the network's training patch).
         batch: windows per forward pass.
         device: where the windows go (default: the model's device; the model is not moved).
+        max_windows: at most this many windows per case (None: every window).
 
     Returns:
         float32 array of shape (feature_dim,).
@@ -427,6 +436,11 @@ def pooled_case_feature(
         return t.reshape(-1, c, *p)
 
     windows, weight = tiles(vol), tiles(real).flatten(1).mean(1).double()
+    if max_windows is not None and len(windows) > max_windows:
+        spread = windows.flatten(1).std(1)
+        # stable descending sort: equal spreads keep raster order, so the choice is deterministic
+        keep = torch.sort(torch.argsort(-spread, stable=True)[: int(max_windows)]).values
+        windows, weight = windows[keep], weight[keep]
     was_training = model.training
     model.eval()
     device = torch.device(device) if device is not None else next(model.parameters()).device

@@ -79,7 +79,7 @@ rule train_round:
         "benchmarks/train_round/{query}/seed{seed}/round{round}.tsv"
     conda:
         "../../envs/segadapt.yaml"
-    threads: 1
+    threads: train_threads()
     resources:
         mem_mb=memory_mb(8000),
         runtime=240,
@@ -93,7 +93,7 @@ rule train_round:
         work=f"{RESULTS}/work/active/{{query}}/seed{{seed}}/round{{round}}",
         settings=train_settings(),
     shell:
-        "python -m stages.train --recipe finetune --init {params.init:q} --data {params.data:q}"
+        "python -m stages.train --recipe finetune --threads {threads} --init {params.init:q} --data {params.data:q}"
         " --task {params.task} --out {params.out:q} --work {params.work:q}"
         " --settings {params.settings:q} > {log} 2>&1"
 
@@ -144,7 +144,7 @@ rule train_semisupervised:
         "benchmarks/train_semisupervised/{query}/seed{seed}/round{round}_{semi}.tsv"
     conda:
         "../../envs/segadapt.yaml"
-    threads: 1
+    threads: train_threads()
     resources:
         mem_mb=memory_mb(8000),
         runtime=240,
@@ -159,7 +159,7 @@ rule train_semisupervised:
         work=f"{RESULTS}/work/active/{{query}}/seed{{seed}}/round{{round}}_{{semi}}",
         settings=semi_settings(),
     shell:
-        "python -m stages.train --recipe semisupervised --init {params.init:q} --data {params.data:q}"
+        "python -m stages.train --recipe semisupervised --threads {threads} --init {params.init:q} --data {params.data:q}"
         " --pseudo {params.pseudo:q} --task {params.task} --out {params.out:q} --work {params.work:q}"
         " --settings {params.settings:q} > {log} 2>&1"
 

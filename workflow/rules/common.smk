@@ -233,11 +233,27 @@ def get_buffer_args(wildcards, input):
     )
 
 
+def reused_teacher(method, step):
+    """Parallel FT's model of the first task when it stands in for this K&G RFT method's teacher there.
+
+    With medseqft.reuse_parallel_teacher, the first step's teacher (full FT of M0 on the first task with
+    the train settings) is the same job as parallel FT's first step, bit for bit: it is trained once.
+    """
+    if (
+        config["medseqft"]["reuse_parallel_teacher"]
+        and method in KGRFT
+        and "parallel_ft" in PARALLEL
+        and ORDER.index(step) == 0
+    ):
+        return model_dir("parallel_ft", step)
+    return None
+
+
 def get_teacher_file(wildcards):
     if wildcards.method in KGRFT:
-        return (
-            f"{model_dir(wildcards.method, wildcards.step)}/teacher/model.safetensors"
-        )
+        reused = reused_teacher(wildcards.method, wildcards.step)
+        folder = reused or f"{model_dir(wildcards.method, wildcards.step)}/teacher"
+        return f"{folder}/model.safetensors"
     return []
 
 
@@ -398,9 +414,29 @@ def preprocess_settings(task=None):
         "normalisation": config["preprocess"]["normalisation"],
         "max_voxels": config["preprocess"]["max_voxels"],
     }
+    holdout = pool_holdout(task)
+    if (
+        holdout is not None
+    ):  # only then, so that other configs' settings (and hashes) stay as they were
+        common["holdout"] = holdout
     if task is None:
         return settings({**common, "labelled": False, "labels": None})
     return settings({**common, "labelled": True, "labels": TASKS[task]["labels"]})
+
+
+def pool_holdout(task=None):
+    """foundation.pool_holdout as the preprocess step's `holdout`, for the pool (task None: keep the held
+    cases) and for each task on the pool's dataset (drop them); None where nothing is held back.
+    """
+    f = config["foundation"]
+    fraction = f["pool_holdout"]
+    if not fraction or not f["pool"]:
+        return None
+    pool = Path(f["pool"]).resolve()
+    same = [t for t, spec in TASKS.items() if Path(spec["dataset"]).resolve() == pool]
+    if task is None:
+        return {"fraction": fraction, "keep": "held"} if same else None
+    return {"fraction": fraction, "keep": "rest"} if task in same else None
 
 
 def foundation_settings():
@@ -423,9 +459,14 @@ def import_settings():
     )
 
 
+def train_threads():
+    """Threads of a training job (Snakemake gives fewer when --cores is smaller); not a setting: not hashed."""
+    return config["train"]["threads"]
+
+
 def train_dict():
     return {
-        **config["train"],
+        **{k: v for k, v in config["train"].items() if k != "threads"},
         "overlap": config["inference"]["overlap"],
         "seed": config["seed"],
         "device": config["device"],
@@ -556,7 +597,7 @@ def get_train_logs():
     )
     for method, step in evaluated_models():
         run = model_dir(method, step)
-        if method in KGRFT:
+        if method in KGRFT and not reused_teacher(method, step):
             logs.append(f"{run}/teacher/train_log.parquet")
         logs.append(
             f"{run}/adapter/train_log.parquet"

@@ -19,7 +19,7 @@ rule train_full_ft:
         method=alternatives(FULL_FT),
     conda:
         "../../envs/segadapt.yaml"
-    threads: 1
+    threads: train_threads()
     resources:
         mem_mb=memory_mb(8000),
         runtime=240,
@@ -32,7 +32,7 @@ rule train_full_ft:
         work=f"{RESULTS}/work/{{method}}/{{step}}",
         settings=train_settings(),
     shell:
-        "python -m stages.train --recipe finetune --init {params.init:q} --data {params.data:q}"
+        "python -m stages.train --recipe finetune --threads {threads} --init {params.init:q} --data {params.data:q}"
         " --task {wildcards.step} --out {params.out:q} --work {params.work:q}"
         " --settings {params.settings:q} > {log} 2>&1"
 
@@ -53,7 +53,7 @@ rule train_teacher:
         method=alternatives(list(KGRFT)),
     conda:
         "../../envs/segadapt.yaml"
-    threads: 1
+    threads: train_threads()
     resources:
         mem_mb=memory_mb(8000),
         runtime=240,
@@ -66,7 +66,7 @@ rule train_teacher:
         work=f"{RESULTS}/work/{{method}}/{{step}}/teacher",
         settings=train_settings(),
     shell:
-        "python -m stages.train --recipe finetune --init {params.init:q} --data {params.data:q}"
+        "python -m stages.train --recipe finetune --threads {threads} --init {params.init:q} --data {params.data:q}"
         " --task {wildcards.step} --out {params.out:q} --work {params.work:q}"
         " --settings {params.settings:q} > {log} 2>&1"
 
@@ -91,7 +91,7 @@ rule train_retention:
         method=alternatives(LORA),
     conda:
         "../../envs/segadapt.yaml"
-    threads: 1
+    threads: train_threads()
     resources:
         mem_mb=memory_mb(8000),
         runtime=240,
@@ -106,7 +106,7 @@ rule train_retention:
         work=f"{RESULTS}/work/{{method}}/{{step}}/adapter",
         settings=get_retention_settings,
     shell:
-        "python -m stages.train --recipe retention --init {params.init:q} --data {params.data:q}"
+        "python -m stages.train --recipe retention --threads {threads} --init {params.init:q} --data {params.data:q}"
         " --task {wildcards.step} {params.teacher} --buffer {params.buffers} --out {params.out:q}"
         " --work {params.work:q} --settings {params.settings:q} > {log} 2>&1"
 
@@ -130,7 +130,7 @@ rule train_retention_full:
         method=alternatives([m for m, spec in KGRFT.items() if not spec["lora"]]),
     conda:
         "../../envs/segadapt.yaml"
-    threads: 1
+    threads: train_threads()
     resources:
         mem_mb=memory_mb(8000),
         runtime=240,
@@ -145,7 +145,7 @@ rule train_retention_full:
         work=f"{RESULTS}/work/{{method}}/{{step}}/retention",
         settings=get_retention_settings,
     shell:
-        "python -m stages.train --recipe retention --init {params.init:q} --data {params.data:q}"
+        "python -m stages.train --recipe retention --threads {threads} --init {params.init:q} --data {params.data:q}"
         " --task {wildcards.step} {params.teacher} --buffer {params.buffers} --out {params.out:q}"
         " --work {params.work:q} --settings {params.settings:q} > {log} 2>&1"
 
@@ -193,7 +193,7 @@ rule train_multitask:
         method=alternatives(MULTITASK),
     conda:
         "../../envs/segadapt.yaml"
-    threads: 1
+    threads: train_threads()
     resources:
         mem_mb=memory_mb(8000),
         runtime=480,
@@ -207,6 +207,6 @@ rule train_multitask:
         work=f"{RESULTS}/work/{{method}}/all",
         settings=train_settings(),
     shell:
-        "python -m stages.train --recipe multitask --init {params.init:q} --data {params.data}"
+        "python -m stages.train --recipe multitask --threads {threads} --init {params.init:q} --data {params.data}"
         " --task {params.tasks} --out {params.out:q} --work {params.work:q}"
         " --settings {params.settings:q} > {log} 2>&1"
