@@ -238,8 +238,8 @@ def test_scaled_retention_is_scale_free_and_zero_at_equal():
     f = [_logits((2, 4, 5, 5, 5), 21), 1e-3 * _logits((2, 8, 3, 3, 3), 22)]
     total, levels = scaled_retention_loss([x.clone() for x in f], f)
     assert total.item() == 0.0 and len(levels) == 2
-    # moving each level by 0.5 of its own per-channel spread gives 0.25 on each, whatever the raw scale
-    sigma = [x.std(dim=(0, 2, 3, 4), keepdim=True, unbiased=False) for x in f]
+    # moving each level by 0.5 of its own per-channel RMS gives 0.25 on each, whatever the raw scale
+    sigma = [x.pow(2).mean(dim=(0, 2, 3, 4), keepdim=True).sqrt() for x in f]
     moved = [x + 0.5 * s for x, s in zip(f, sigma)]
     total, levels = scaled_retention_loss(moved, f)
     assert [v.item() for v in levels] == pytest.approx([0.25, 0.25], rel=1e-5)
