@@ -116,7 +116,8 @@ class TrainResult:
         best_score: that score (None without validation, or when no score was finite).
         best_step: updates done when the best state was taken (``steps`` without validation).
         log: one row per update: ``step`` (1-based count of updates done), each loss term, ``lr`` (the
-            rate that update used), ``seconds`` (its wall time) and ``val_score`` (NaN where not computed).
+            rate that update used; the first group's with parameter groups, the others' as ``lr_<name>``),
+            ``seconds`` (its wall time) and ``val_score`` (NaN where not computed).
         resumed_from: updates done in the checkpoint this run resumed from, or None for a fresh run.
     """
 
