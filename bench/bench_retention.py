@@ -27,7 +27,7 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hippoca
 TRAIN = {"patch_size": [32, 32, 32], "batch_size": 2, "steps": 60, "lr": 0.003, "weight_decay": 1e-5,
          "fg_ratio": 0.5, "checkpoint_every": 60, "val_every": 0, "amp": False, "seed": 0, "device": "cpu",
          "overlap": 0.25}
-MEDSEQFT = {"kd_kind": "kl", "kd_temperature": 2.0, "kd_weight": 1.0, "retention_weight": 0.5,
+MEDSEQFT = {"kd_kind": "kl", "kd_temperature": 2.0, "kd_weight": 1.0, "kd_mask": "foreground", "retention_weight": 0.5,
             "buffer_batch_size": 2, "grad_log_every": 10, "lwf_weight": 0.5}
 
 #: name -> settings over MEDSEQFT (lora merged over the defaults)
@@ -45,6 +45,9 @@ VARIANTS: dict[str, dict] = {
     "r16_svd_lr1": {"lora": {"rank": 16, "alpha": 16, "init": "teacher_svd", "lr": 0.003}},
     "r8_svd_norms": {"lora": {"rank": 8, "alpha": 8, "init": "teacher_svd", "train_norms": True, "train_biases": True}},
     "r8_svd_nomask": {"lora": {"rank": 8, "alpha": 8, "init": "teacher_svd"}, "kd_mask": "none"},
+    "r4_zero_kdnone": {"lora": {"rank": 4, "alpha": 4, "init": "zero"}, "kd_mask": "none"},
+    "r8_zero_kdnone": {"lora": {"rank": 8, "alpha": 8, "init": "zero"}, "kd_mask": "none"},
+    "r16_zero_kdnone": {"lora": {"rank": 16, "alpha": 16, "init": "zero"}, "kd_mask": "none"},
 }
 
 

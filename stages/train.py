@@ -211,7 +211,7 @@ class _FeatureTap:
 
 def _retention_settings(s: dict[str, Any]) -> dict[str, Any]:
     """The retention recipe's settings with their defaults (workflow/schemas/config.schema.yaml, medseqft)."""
-    lora = {"rank": 4, "alpha": 4, "dropout": 0.0, "targets": None, "enabled": True, "lr": None,
+    lora = {"rank": 8, "alpha": 8, "dropout": 0.0, "targets": None, "enabled": True, "lr": None,
             "init": "zero", "train_norms": False, "train_biases": False, **(s.get("lora") or {})}
     if lora["init"] not in ("zero", "teacher_svd"):
         raise InputError("medseqft.lora.init", f"must be 'zero' or 'teacher_svd', got {lora['init']!r}")
