@@ -194,7 +194,9 @@ def _lora_layers(peft_model: nn.Module) -> dict[str, Any]:
     return layers
 
 
-def teacher_svd_init(peft_model: nn.Module, start: nn.Module, teacher: nn.Module, adapter: str = "default") -> dict[str, float]:
+def teacher_svd_init(
+    peft_model: nn.Module, start: nn.Module, teacher: nn.Module, adapter: str = "default"
+) -> dict[str, float]:
     """Start every LoRA pair from the truncated SVD of the teacher's weight change on its layer.
 
     For a target with weight ``W`` (Linear ``(out, in)``; Conv3d ``(out, in, k, k, k)`` flattened to
