@@ -36,8 +36,15 @@ from stages.core.errors import InputError, run_cli
 from stages.core.inference import predict_probabilities, resolve_device
 from stages.core.io import config_hash, make_provenance, read_parquet, save_json, sha256_file, write_parquet
 from stages.core.log import stage_log
-from stages.core.losses import kd_loss, retention_loss, segmentation_loss
-from stages.core.lora import add_lora, count_trainable, lora_targets, save_adapter
+from stages.core.losses import (
+    kd_loss,
+    kd_weights,
+    retention_loss,
+    scaled_retention_loss,
+    segmentation_loss,
+    term_gradient_norms,
+)
+from stages.core.lora import add_lora, count_trainable, lora_param_groups, lora_targets, save_adapter, teacher_svd_init
 from stages.core.nets import FoundationNet, load_model, model_id, save_model, seed_from
 from stages.core.sampling import CaseStore, PatchSampler
 from stages.core.trainer import Trainer, TrainSettings
@@ -63,6 +70,8 @@ class Job:
     buffers: list[tuple[Path, list[str]]] = field(default_factory=list)
     pseudo: tuple[Path, list[str]] | None = None
     """(pseudo-label folder, kept case ids) for ``semisupervised``; labels read from that folder only."""
+    buffer_tasks: list[str] = field(default_factory=list)
+    """The task of each buffer (its ``task`` column), whose head h_j the output-level retention reads."""
 
 
 @dataclass
@@ -70,7 +79,8 @@ class Plan:
     """What a recipe hands to the trainer and how the result is written."""
 
     net: torch.nn.Module
-    params: list[torch.nn.Parameter]
+    params: list[Any]
+    """Parameters to optimise, or AdamW parameter groups (dicts with ``params`` and ``lr``)."""
     step_fn: StepFn
     validate: Callable[[torch.nn.Module], float] | None
     save: Callable[[Path, dict[str, Any]], None]
@@ -174,67 +184,181 @@ def recipe_multitask(job: Job) -> Plan:
     return Plan(model, params, step_fn, validate, _save_model(model))
 
 
+#: Modules whose outputs are the encoder levels of the feature retention (besides the deepest map and
+#: the decoder output, which :meth:`FoundationNet.forward_features` returns): the skip connections.
+RETENTION_LEVELS: dict[str, list[str]] = {
+    "basicunet": ["backbone.conv_0", "backbone.down_1", "backbone.down_2", "backbone.down_3"],
+    "swinunetr": ["backbone.encoder1", "backbone.encoder2", "backbone.encoder3", "backbone.encoder4"],
+}
+
+
+class _FeatureTap:
+    """Forward hooks collecting the outputs of named modules of ``net`` (a PEFT wrapper or not), in order."""
+
+    def __init__(self, net: torch.nn.Module, names: Sequence[str]) -> None:
+        modules = {n.removeprefix("base_model.model."): m for n, m in net.named_modules()}
+        self.names = [n for n in names if n in modules]
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in self.names]
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def hook(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+            self.outputs[name] = output
+
+        return hook
+
+    def collect(self) -> list[torch.Tensor]:
+        out = [self.outputs[n] for n in self.names]
+        self.outputs = {}
+        return out
+
+
+def _retention_settings(s: dict[str, Any]) -> dict[str, Any]:
+    """The retention recipe's settings with their defaults (workflow/schemas/config.schema.yaml, medseqft)."""
+    lora = {"rank": 8, "alpha": 8, "dropout": 0.0, "targets": None, "enabled": True, "lr": None,
+            "init": "zero", "train_norms": False, "train_biases": False, **(s.get("lora") or {})}
+    if lora["init"] not in ("zero", "teacher_svd"):
+        raise InputError("medseqft.lora.init", f"must be 'zero' or 'teacher_svd', got {lora['init']!r}")
+    out = {"kd_kind": "kl", "kd_temperature": 2.0, "kd_weight": 0.0, "kd_mask": "foreground", "kd_dilation": 2,
+           "kd_background_share": 0.2, "retention_weight": 0.0, "retention_levels": "all",
+           "retention_scale": "channel", "lwf_weight": 0.5, "grad_log_every": 10, **s, "lora": lora}
+    checks = [("kd_mask", ("none", "foreground")), ("retention_levels", ("all", "deepest")),
+              ("retention_scale", ("channel", "none"))]
+    for key, allowed in checks:
+        if out[key] not in allowed:
+            raise InputError(f"medseqft.{key}", f"must be one of {list(allowed)}, got {out[key]!r}")
+    return out
+
+
 def recipe_retention(job: Job) -> Plan:
-    """K&G RFT retention stage (methods.md §1 step 2): LoRA on frozen M_{t-1}, KD to T_t, feature retention on buffers."""
-    model, task, s = job.model, job.tasks[0], job.settings
-    kd_weight = float(s.get("kd_weight", 0.0)) if job.teacher is not None else 0.0
-    ret_weight = float(s.get("retention_weight", 0.0)) if job.buffers else 0.0
-    use_lora = bool(s.get("lora", {}).get("enabled", True))
+    """K&G RFT retention stage (methods.md §1 step 2): LoRA on frozen M_{t-1}, KD to T_t, retention on buffers.
+
+    ``L = L_seg + λ_k·L_KD(student, T_t) + λ_g·L_ret + λ_o·L_LwF`` where L_ret is the feature retention
+    against the frozen M_{t-1} on a buffer patch (several encoder levels and the decoder output, each
+    scaled by the frozen model's per-channel RMS; ``retention_levels: deepest`` and
+    ``retention_scale: none`` give the original deepest-map MSE), and L_LwF the KL between the
+    student's and M_{t-1}'s logits of the buffer's own task head h_j, for buffers of earlier tasks
+    (Learning without Forgetting; Li & Hoiem, ECCV 2016). LoRA factors train at ``lora.lr`` (default
+    10x ``lr``), the head (and norms / biases when switched on) at ``lr``; ``lora.init: teacher_svd``
+    starts the pairs from the teacher's weight change. Every ``grad_log_every`` steps the log also
+    holds ``grad_<term>``: the gradient norm of each weighted term w.r.t. the trainable parameters.
+    """
+    model, task = job.model, job.tasks[0]
+    s = _retention_settings(job.settings)
+    lora = s["lora"]
+    kd_weight = float(s["kd_weight"]) if job.teacher is not None else 0.0
+    ret_weight = float(s["retention_weight"]) if job.buffers else 0.0
+    buffer_tasks = job.buffer_tasks or [""] * len(job.buffers)
+    old_heads = [t if t in model.seg_heads and t != task else None for t in buffer_tasks]
+    lwf_weight = float(s["lwf_weight"]) if any(old_heads) else 0.0
+    use_lora = bool(lora["enabled"])
     if job.teacher is not None:
         # ours: the student's new head starts from the teacher's, which already fits the task
         model.seg_heads[task].load_state_dict(job.teacher.seg_heads[task].state_dict())
         job.teacher.to(job.device).eval().requires_grad_(False)
-    sampler = _sampler(job.data[0], _cases(job.manifests[0], "train"), s)
+    # the frozen M_{t-1} is a separate copy: trained biases (PEFT bias="all") change the wrapped model in
+    # place, so the adapter switched off would not be M_{t-1} any more
+    frozen = copy.deepcopy(model).eval().requires_grad_(False) if (ret_weight > 0 or lwf_weight > 0) else None
+    sampler = _sampler(job.data[0], _cases(job.manifests[0], "train"), job.settings)
     buffer_samplers = [
-        _sampler(d, cases, s, with_labels=False, batch=s.get("buffer_batch_size", s["batch_size"]))
+        _sampler(d, cases, job.settings, with_labels=False, batch=s.get("buffer_batch_size", s["batch_size"]))
         for d, cases in job.buffers
     ]
     loss_fn = segmentation_loss()
+    lr = float(s["lr"])
+    lora_lr = float(lora["lr"]) if lora["lr"] is not None else 10.0 * lr
+    params: list[Any]
     if use_lora:
-        lora = s.get("lora", {})
-        patterns = lora.get("targets")
-        net = add_lora(model, rank=lora.get("rank", 4), alpha=lora.get("alpha", 4),
+        start = copy.deepcopy(model) if (lora["init"] == "teacher_svd" and job.teacher is not None) else None
+        patterns = lora["targets"]
+        net = add_lora(model, rank=lora["rank"], alpha=lora["alpha"],
                        targets=lora_targets(model, include=patterns) if patterns else None,
-                       dropout=lora.get("dropout", 0.0), train_heads=[task], seed=int(s.get("seed", 0)))
-        params = [p for p in net.parameters() if p.requires_grad]
-        frozen = None
+                       dropout=lora["dropout"], train_heads=[task], seed=int(s.get("seed", 0)),
+                       train_norms=bool(lora["train_norms"]), train_biases=bool(lora["train_biases"]))
+        if start is not None:
+            errors = teacher_svd_init(net, start, job.teacher)
+            del start
+            log.info("LoRA pairs start from the rank-%d SVD of the teacher's change (relative error: median %.3f, "
+                     "max %.3f over %d layers)", lora["rank"], float(np.median(list(errors.values()))),
+                     max(errors.values()), len(errors))
+            _copy_trained_extras(net, job.teacher)
+        elif lora["init"] == "teacher_svd":
+            log.info("lora.init teacher_svd without a teacher (parallel LoRA): LoRA starts at zero")
+        params = lora_param_groups(net, lr=lr, lora_lr=lora_lr)
+        flat = [p for g in params for p in g["params"]]
     else:
         net = model
-        frozen = copy.deepcopy(model).eval().requires_grad_(False) if ret_weight > 0 else None
-        params = list(model.backbone.parameters()) + _head_params(model, [task])
-    trainable, total = count_trainable(net) if use_lora else (sum(p.numel() for p in params), sum(p.numel() for p in net.parameters()))
-    log.info("retention stage: %d of %d parameters trainable (LoRA %s)", trainable, total, "on" if use_lora else "off")
+        flat = list(model.backbone.parameters()) + _head_params(model, [task])
+        params = flat
+    net.to(job.device)
+    if frozen is not None:
+        frozen.to(job.device)
+    trainable, total = count_trainable(net) if use_lora else (sum(p.numel() for p in flat), sum(p.numel() for p in net.parameters()))
+    log.info("retention stage: %d of %d parameters trainable (LoRA %s, LoRA lr %.2g, other lr %.2g)", trainable, total,
+             "on" if use_lora else "off", lora_lr if use_lora else lr, lr)
+    levels = RETENTION_LEVELS.get(model.arch, []) if s["retention_levels"] == "all" else []
+    student_tap = _FeatureTap(net, levels)
+    frozen_tap = _FeatureTap(frozen, levels) if frozen is not None else None
+    grad_every = int(s["grad_log_every"])
 
-    def frozen_features(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            if frozen is not None:
-                return frozen.encode(x)
-            with net.disable_adapter():
-                return net.encode(x)
+    def features(m: torch.nn.Module, tap: _FeatureTap, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        tap.outputs = {}
+        deepest, decoded = m.forward_features(x)
+        extra = tap.collect()
+        if s["retention_levels"] == "deepest":
+            return [deepest], decoded
+        return [*extra, deepest, decoded], decoded
 
     def step_fn(n: torch.nn.Module, step: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         batch = sampler.sample(generator)
         x = batch["image"].to(job.device)
         logits = n.segment(x, task)
         seg = loss_fn(logits, batch["label"].to(job.device))
-        terms = {"seg": seg.detach()}
-        loss = seg
+        weighted = {"seg": seg}
+        terms: dict[str, torch.Tensor] = {"seg": seg.detach()}
         if kd_weight > 0:
             with torch.no_grad():
                 teacher_logits = job.teacher.segment(x, task)
-            kd = kd_loss(logits, teacher_logits, kind=s.get("kd_kind", "kl"), temperature=s.get("kd_temperature", 2.0))
-            loss = loss + kd_weight * kd
+            mask = (kd_weights(teacher_logits, int(s["kd_dilation"]), float(s["kd_background_share"]))
+                    if s["kd_mask"] == "foreground" else None)
+            kd = kd_loss(logits, teacher_logits, kind=s["kd_kind"], temperature=s["kd_temperature"], mask=mask)
+            weighted["kd"] = kd_weight * kd
             terms["kd"] = kd.detach()
-        if ret_weight > 0:
+        if ret_weight > 0 or lwf_weight > 0:
+            assert frozen is not None and frozen_tap is not None
             # the buffer draws come from their own stream, derived from (seed, step) so that a resumed
             # run needs no extra state: the task's patches are then the same with or without a buffer,
-            # and the buffer ablations differ from MedSeqFT by the retention term alone
+            # and the buffer ablations differ from MedSeqFT by the retention terms alone
             buffer_generator = torch.Generator().manual_seed(seed_from(s.get("seed", 0), "buffer", step))
             k = int(torch.randint(len(buffer_samplers), (1,), generator=buffer_generator))
             bx = buffer_samplers[k].sample(buffer_generator)["image"].to(job.device)
-            ret = retention_loss(n.encode(bx), frozen_features(bx))
-            loss = loss + ret_weight * ret
-            terms["retention"] = ret.detach()
+            student_levels, student_dec = features(n, student_tap, bx)
+            with torch.no_grad():
+                frozen_levels, frozen_dec = features(frozen, frozen_tap, bx)
+            if ret_weight > 0:
+                if s["retention_scale"] == "channel":
+                    ret, per_level = scaled_retention_loss(student_levels, frozen_levels)
+                else:
+                    ret = retention_loss(student_levels, frozen_levels)
+                    per_level = [retention_loss(a, b) for a, b in zip(student_levels, frozen_levels)]
+                weighted["retention"] = ret_weight * ret
+                terms["retention"] = ret.detach()
+                for i, value in enumerate(per_level):
+                    terms[f"retention_l{i}"] = value.detach()
+            if lwf_weight > 0:
+                head = old_heads[k]
+                if head is not None:
+                    old = frozen.seg_heads[head]
+                    lwf = kd_loss(n.seg_heads[head](student_dec), old(frozen_dec), kind="kl",
+                                  temperature=s["kd_temperature"])
+                else:  # a buffer of the current task: M_{t-1} has no head for it
+                    lwf = student_dec.sum() * 0.0
+                weighted["lwf"] = lwf_weight * lwf
+                terms["lwf"] = lwf.detach()
+        if grad_every > 0 and step % grad_every == 0:
+            for name, norm in term_gradient_norms(weighted, flat).items():
+                terms[f"grad_{name}"] = torch.tensor(norm)
+        loss = torch.stack(list(weighted.values())).sum()
         terms["loss"] = loss
         return terms
 
@@ -248,6 +372,19 @@ def recipe_retention(job: Job) -> Plan:
             save_model(model.cpu(), out, prov)
 
     return Plan(net, params, step_fn, _maybe_validator(net, job), save)
+
+
+def _copy_trained_extras(net: torch.nn.Module, teacher: FoundationNet) -> None:
+    """With ``teacher_svd``: trainable norms and biases of the student start at the teacher's values too."""
+    teacher_state = teacher.state_dict()
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if not p.requires_grad or ".lora_" in name or ".seg_heads." in f".{name}":
+                continue
+            key = name.removeprefix("base_model.model.").replace(".modules_to_save.default.", ".")
+            key = key.replace(".base_layer.", ".")
+            if key in teacher_state and teacher_state[key].shape == p.shape:
+                p.copy_(teacher_state[key].to(p.device, p.dtype))
 
 
 def recipe_semisupervised(job: Job) -> Plan:
@@ -341,10 +478,11 @@ def run(
         elif heads[task] != num_classes:
             raise InputError(init / "model.json", f"head {task!r} has {heads[task]} classes, {d} has {num_classes}")
     teacher_model = load_model(teacher) if teacher is not None else None
-    buffer_cases = []
+    buffer_cases, buffer_tasks = [], []
     for table, folder in buffers:
         chosen = read_parquet(table)
         buffer_cases.append((Path(folder), chosen.loc[chosen["selected"], "case"].tolist()))
+        buffer_tasks.append(str(chosen["task"].iloc[0]) if "task" in chosen and len(chosen) else Path(table).stem)
     pseudo_job = None
     if pseudo is not None:
         table_path = Path(pseudo) / "pseudo.parquet"
@@ -356,7 +494,7 @@ def run(
         raise InputError("--pseudo", "the semisupervised recipe needs the pseudo-label folder")
     model.to(device)
     job = Job(model, list(tasks), [Path(d) for d in data], [m for m, _ in loaded], settings, device,
-              teacher_model, buffer_cases, pseudo_job)
+              teacher_model, buffer_cases, pseudo_job, buffer_tasks)
 
     input_files = [init / "model.safetensors"] + [Path(d) / "manifest.parquet" for d in data]
     input_files += [teacher / "model.safetensors"] if teacher is not None else []

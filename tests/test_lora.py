@@ -197,3 +197,93 @@ def test_lora_initialisation_is_seeded() -> None:
     a, b, c = adapters(0, 1), adapters(0, 7), adapters(1, 1)
     assert a and all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def _perturbed(model: FoundationNet, seed: int, scale: float = 0.05) -> FoundationNet:
+    """A 'teacher': a copy of ``model`` with every parameter moved by seeded noise."""
+    import copy
+
+    teacher = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return teacher
+
+
+@pytest.mark.parametrize("arch", ["basicunet", "swinunetr"])
+def test_teacher_svd_full_rank_merges_to_the_teacher(arch: str) -> None:
+    """r = full rank: the merged student equals the teacher on every LoRA-targeted layer (to 1e-5)."""
+    import copy
+
+    from stages.core.lora import teacher_svd_init
+
+    start = _unet() if arch == "basicunet" else _swin()
+    teacher = _perturbed(start, seed=4)
+    modules = dict(start.named_modules())
+    targets = lora_targets(start)
+    full = max(min(modules[n].weight.shape[0], modules[n].weight[0].numel()) for n in targets)
+    peft_model = add_lora(copy.deepcopy(start), rank=full, alpha=3, train_heads=["new"])
+    errors = teacher_svd_init(peft_model, start, teacher)
+    assert set(errors) == set(targets) and max(errors.values()) < 1e-6
+    merged = dict(merge_lora(peft_model).named_modules())
+    teacher_modules = dict(teacher.named_modules())
+    for name in targets:
+        assert torch.allclose(merged[name].weight, teacher_modules[name].weight, atol=1e-5), name
+    # what LoRA does not adapt (biases, norms, the other layers) stays at the start model's values
+    for name in targets:
+        if modules[name].bias is not None:
+            assert torch.equal(merged[name].bias, modules[name].bias), name
+
+
+def test_teacher_svd_small_rank_is_the_truncated_svd() -> None:
+    import copy
+
+    from stages.core.lora import teacher_svd_init
+
+    start = _unet()
+    teacher = _perturbed(start, seed=5)
+    r, alpha = 2, 4
+    peft_model = add_lora(copy.deepcopy(start), rank=r, alpha=alpha, train_heads=["new"])
+    errors = teacher_svd_init(peft_model, start, teacher)
+    merged = dict(merge_lora(peft_model).named_modules())
+    s_mod, t_mod = dict(start.named_modules()), dict(teacher.named_modules())
+    for name in lora_targets(start):
+        w0 = s_mod[name].weight.double()
+        delta = (t_mod[name].weight.double() - w0).reshape(w0.shape[0], -1)
+        u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
+        expected = w0 + ((u[:, :r] * sv[:r]) @ vh[:r]).reshape(w0.shape)
+        assert torch.allclose(merged[name].weight.double(), expected, atol=1e-5), name
+        assert 0 < errors[name] < 1  # a rank-2 cut of a random 4x(4*27) change loses something
+
+
+def test_param_groups_and_norms_and_biases_round_trip(tmp_path) -> None:
+    """train_norms / train_biases: trainable, in the right optimiser group, saved, reloaded and merged."""
+    from stages.core.lora import lora_param_groups, norm_modules
+
+    x = torch.randn(1, 1, 16, 17, 18, generator=torch.Generator().manual_seed(2))
+    norms = norm_modules(_unet())
+    assert norms and all(isinstance(dict(_unet().named_modules())[n], nn.GroupNorm) for n in norms)
+    peft_model = add_lora(_unet(), rank=2, alpha=2, train_heads=["new"], train_norms=True, train_biases=True)
+    groups = lora_param_groups(peft_model, lr=1e-3, lora_lr=1e-2)
+    assert [g["name"] for g in groups] == ["lora", "full"] and [g["lr"] for g in groups] == [1e-2, 1e-3]
+    named = {id(p): n for n, p in peft_model.named_parameters()}
+    assert all("lora_" in named[id(p)] for p in groups[0]["params"])
+    rest = {named[id(p)] for p in groups[1]["params"]}
+    assert any(".adn.N." in n for n in rest) and any(n.endswith(".conv.base_layer.bias") for n in rest)
+    assert any("seg_heads.new" in n for n in rest)
+    # move everything trainable, then save, reload and merge: the same outputs all the way
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    peft_model.eval()
+    with torch.no_grad():
+        expected = peft_model.segment(x, "new")
+    save_adapter(peft_model, tmp_path / "ad")
+    reloaded = load_adapter(_unet(), tmp_path / "ad").eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded.segment(x, "new"), expected, atol=1e-6)
+        merged = merge_lora(reloaded).eval()
+        assert torch.allclose(merged.segment(x, "new"), expected, atol=1e-5)

@@ -204,3 +204,58 @@ def test_retention_bad_arguments():
         retention_loss(torch.zeros(1, 2, 3), torch.zeros(1, 2, 4))
     with pytest.raises(ValueError, match="number of feature levels"):
         retention_loss([torch.zeros(1)], [torch.zeros(1), torch.zeros(1)])
+
+
+def test_kd_weights_foreground_share_and_dilation():
+    from stages.core.losses import kd_weights
+
+    teacher = torch.zeros((2, 2, 9, 9, 9))
+    teacher[:, 0] = 1.0  # background everywhere ...
+    teacher[0, 1, 4, 4, 4] = 5.0  # ... but one foreground voxel in patch 0; patch 1 has none
+    w = kd_weights(teacher, dilation=1, background_share=0.25)
+    assert w.shape == (2, 9, 9, 9)
+    assert torch.allclose(w.sum(dim=(1, 2, 3)), torch.ones(2))
+    fg = torch.zeros((9, 9, 9), dtype=torch.bool)
+    fg[3:6, 3:6, 3:6] = True  # the dilated foreground: a 3x3x3 cube
+    assert w[0][fg].sum().item() == pytest.approx(0.75) and torch.allclose(w[0][fg], w[0][fg][0])
+    assert w[0][~fg].sum().item() == pytest.approx(0.25)
+    assert torch.allclose(w[1], torch.full((9, 9, 9), 1 / 729))  # no foreground: uniform
+    # undilated: the single voxel carries 75 %
+    assert kd_weights(teacher, dilation=0, background_share=0.25)[0, 4, 4, 4].item() == pytest.approx(0.75)
+    # as a KD mask: a disagreement on the foreground counts far more than in a plain voxel mean
+    student = teacher.clone()
+    student[0, 1, 4, 4, 4] = 0.0
+    plain = kd_loss(student, teacher, kind="kl")
+    weighted = kd_loss(student, teacher, kind="kl", mask=w)
+    assert weighted.item() > 10 * plain.item() > 0  # (0.75 / 27) / 2 against 1 / 1458: 20x
+    with pytest.raises(ValueError, match="background_share"):
+        kd_weights(teacher, background_share=1.5)
+
+
+def test_scaled_retention_is_scale_free_and_zero_at_equal():
+    from stages.core.losses import scaled_retention_loss
+
+    f = [_logits((2, 4, 5, 5, 5), 21), 1e-3 * _logits((2, 8, 3, 3, 3), 22)]
+    total, levels = scaled_retention_loss([x.clone() for x in f], f)
+    assert total.item() == 0.0 and len(levels) == 2
+    # moving each level by 0.5 of its own per-channel RMS gives 0.25 on each, whatever the raw scale
+    sigma = [x.pow(2).mean(dim=(0, 2, 3, 4), keepdim=True).sqrt() for x in f]
+    moved = [x + 0.5 * s for x, s in zip(f, sigma)]
+    total, levels = scaled_retention_loss(moved, f)
+    assert [v.item() for v in levels] == pytest.approx([0.25, 0.25], rel=1e-5)
+    # the unscaled MSE of the small level is ~1e-7: the size of the pipeline's old retention term
+    assert retention_loss(moved[1], f[1]).item() < 1e-6
+    student = f[0].clone().requires_grad_(True)
+    scaled_retention_loss([student], [f[0] + 1.0])[0].backward()
+    assert student.grad.abs().sum() > 0
+
+
+def test_term_gradient_norms():
+    from stages.core.losses import term_gradient_norms
+
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    v = torch.nn.Parameter(torch.tensor([3.0]))
+    terms = {"a": (w**2).sum(), "b": 3 * v.sum(), "c": torch.tensor(1.0)}
+    norms = term_gradient_norms(terms, [w, v])
+    assert norms["a"] == pytest.approx((4 + 16) ** 0.5) and norms["b"] == pytest.approx(3.0) and norms["c"] == 0.0
+    assert w.grad is None  # .grad untouched

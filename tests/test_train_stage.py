@@ -223,3 +223,59 @@ def test_threads_flag_sets_torch_threads(monkeypatch: pytest.MonkeyPatch) -> Non
     assert seen == [2]
     with pytest.raises(InputError, match="--threads"):
         stage.main(["--init", "m", "--data", "d", "--task", "t", "--out", "o", "--work", "w", "--threads", "0"])
+
+
+def test_retention_terms_move_and_are_logged_with_their_gradients(world: dict[str, Path], tmp_path: Path) -> None:
+    """The retention term is exactly 0 at step 1 (student = M_{t-1}), non-zero once the student has
+    moved; every term's gradient norm is logged; LoRA trains at 10x the head's rate by default."""
+    train(world, tmp_path / "teacher")
+    settings = {"lora": {"rank": 4, "alpha": 4, "init": "zero"}, "kd_weight": 1.0, "retention_weight": 0.5,
+                "buffer_batch_size": 1, "grad_log_every": 1, "kd_mask": "foreground"}
+    train(world, tmp_path / "zero", recipe="retention", settings=settings, teacher=tmp_path / "teacher",
+          buffers=[(world["buffer1"], world["data1"])])
+    log = pd.read_parquet(tmp_path / "zero" / "train_log.parquet")
+    assert {"grad_seg", "grad_kd", "grad_retention", "lr_full", "retention_l0"} <= set(log.columns)
+    assert log["retention"].iloc[0] == 0.0 and log["grad_retention"].iloc[0] == 0.0
+    assert (log["retention"].iloc[2:] > 1e-6).all() and (log["grad_retention"].iloc[2:] > 0).all()
+    assert (log["grad_seg"] > 0).all() and (log["grad_kd"].iloc[1:] > 0).all()
+    np.testing.assert_allclose(log["lr"], 10 * log["lr_full"])
+    # teacher_svd: the student starts at the (rank-4 approximation of the) teacher, away from M_{t-1}
+    svd = {**settings, "lora": {**settings["lora"], "init": "teacher_svd"}, "grad_log_every": 3}
+    train(world, tmp_path / "svd", recipe="retention", settings=svd, teacher=tmp_path / "teacher",
+          buffers=[(world["buffer1"], world["data1"])])
+    log = pd.read_parquet(tmp_path / "svd" / "train_log.parquet")
+    assert log["retention"].iloc[0] > 1e-4 and log["grad_retention"].iloc[0] > 0
+    assert log["grad_retention"].isna().tolist() == [False, True, True, False, True, True]
+
+
+def test_output_level_retention_of_earlier_heads(world: dict[str, Path], tmp_path: Path) -> None:
+    """Step 2: LwF between the student's and M_1's logits of head h_1 on B_1; trained norms and biases
+    go into the adapter and the merge reproduces the adapted model."""
+    from stages.merge import run as merge
+
+    train(world, tmp_path / "step1")
+    manifest = pd.read_parquet(world["data1"] / "manifest.parquet")
+    cases = manifest.loc[manifest["split"] == "train", "case"].tolist()
+    table = pd.DataFrame({"task": "organ_lesion", "case": cases, "selected": True})
+    write_parquet(table, tmp_path / "organ_lesion.parquet", make_provenance("select_buffer", {}))
+    train(world, tmp_path / "teacher2", init=tmp_path / "step1", task="paired_organs", data=world["data2"])
+    settings = {"lora": {"rank": 2, "alpha": 4, "init": "teacher_svd", "train_norms": True, "train_biases": True},
+                "kd_weight": 1.0, "retention_weight": 0.5, "lwf_weight": 1.0, "buffer_batch_size": 1,
+                "grad_log_every": 2}
+    out = tmp_path / "adapter2"
+    train(world, out, recipe="retention", init=tmp_path / "step1", task="paired_organs", data=world["data2"],
+          settings=settings, teacher=tmp_path / "teacher2", buffers=[(tmp_path / "organ_lesion.parquet", world["data1"])])
+    log = pd.read_parquet(out / "train_log.parquet")
+    assert (log["lwf"] > 0).all() and (log["grad_lwf"].dropna() > 0).all()
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert any(".adn.N." in k for k in adapter) and any(k.endswith("bias") and ".conv." in k for k in adapter)
+    merge(tmp_path / "step1", out, tmp_path / "merged2")
+    merged = load_model(tmp_path / "merged2").eval()
+    base = load_model(tmp_path / "step1")
+    base.add_head("paired_organs", merged.seg_heads["paired_organs"].out_channels)
+    peft_model = load_adapter(base, out).eval()
+    x = torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for head in ("organ_lesion", "paired_organs"):
+            diff = (merged.segment(x, head) - peft_model.segment(x, head)).abs().max().item()
+            assert diff < 1e-5, head

@@ -193,6 +193,27 @@ def test_only_given_parameters_train(store: CaseStore, tmp_path: Path) -> None:
         Trainer(model, nn.Linear(2, 2).parameters(), _step_fn(store), settings, tmp_path, "h")
 
 
+def test_parameter_groups_have_their_own_rates_and_resume(store: CaseStore, tmp_path: Path) -> None:
+    """AdamW groups (e.g. LoRA at 10x the head's rate): each keeps its peak rate under the one schedule,
+    the log has ``lr`` (first group) and ``lr_<name>``, and a crashed run resumes bit-identical."""
+
+    def trainer(work: Path, step_fn=None) -> Trainer:
+        model = _net()
+        groups = [{"params": list(model[0].parameters()), "lr": 1e-1, "name": "fast"},
+                  {"params": list(model[3].parameters()), "name": "slow"}]
+        settings = TrainSettings(steps=8, lr=1e-2, warmup_steps=1, checkpoint_every=3)
+        return Trainer(model, groups, step_fn or _step_fn(store), settings, work, "g")
+
+    ref = trainer(tmp_path / "ref").fit()
+    np.testing.assert_allclose(ref.log["lr"], 10 * ref.log["lr_slow"], rtol=1e-12)
+    assert ref.log["lr"].iloc[0] == pytest.approx(1e-1)
+    with pytest.raises(RuntimeError, match="node died"):
+        trainer(tmp_path / "cut", _interrupting(store, 4, "crash")).fit()
+    resumed = trainer(tmp_path / "cut").fit()
+    assert resumed.resumed_from == 3
+    _assert_same_state(resumed.final_state, ref.final_state)
+
+
 def test_step_fn_contract(store: CaseStore, tmp_path: Path) -> None:
     def no_loss(model: nn.Module, step: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         return {"ce": model(torch.zeros(1, 1, 4, 4, 4)).mean()}

@@ -27,7 +27,10 @@ __all__ = [
     "load_adapter",
     "lora_targets",
     "merge_lora",
+    "lora_param_groups",
+    "norm_modules",
     "save_adapter",
+    "teacher_svd_init",
 ]
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -80,6 +83,8 @@ def add_lora(
     dropout: float = 0.0,
     train_heads: Sequence[str] | None = None,
     seed: int = 0,
+    train_norms: bool = False,
+    train_biases: bool = False,
 ) -> Any:
     """Wrap ``model`` in a PEFT LoRA model: adapters trainable, task heads trainable, the rest frozen.
 
@@ -95,6 +100,12 @@ def add_lora(
         train_heads: tasks whose ``seg_heads`` are trained; None means every head present, ``()`` none.
         seed: seeds PEFT's initialisation of the LoRA A matrices (it draws from torch's global
             generator, which is left as it was).
+        train_norms: also train the affine parameters of every normalisation layer of the backbone
+            (:func:`norm_modules`), as PEFT ``modules_to_save`` copies: saved with the adapter, folded
+            back by the merge, and switched off with the adapter (ours, option).
+        train_biases: also train every bias of the model (PEFT ``bias="all"``: trained in place, saved
+            with the adapter; ``disable_adapter`` does not undo them, so compare with a separate frozen
+            copy of the start model).
 
     Returns:
         the ``peft.PeftModel``; ``.segment``, ``.encode`` ... reach the wrapped network.
@@ -114,17 +125,125 @@ def add_lora(
     unknown = sorted(set(heads) - set(model.seg_heads))
     if unknown:
         raise ValueError(f"no segmentation heads {unknown}; heads: {sorted(model.seg_heads)}")
+    to_save = [f"seg_heads.{task}" for task in heads] + (norm_modules(model) if train_norms else [])
     config = LoraConfig(
         r=int(rank),
         lora_alpha=alpha,
         lora_dropout=float(dropout),
         target_modules=sorted(names),
-        modules_to_save=[f"seg_heads.{task}" for task in heads] or None,
-        bias="none",
+        modules_to_save=to_save or None,
+        bias="all" if train_biases else "none",
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return get_peft_model(model, config)
+        peft_model = get_peft_model(model, config)
+    if train_biases:
+        # bias="all" unfreezes every bias; keep the SSL heads and the other tasks' heads fixed
+        keep = tuple(f"seg_heads.{task}." for task in heads)
+        for name, p in peft_model.named_parameters():
+            inner = name.removeprefix("base_model.model.")
+            if name.endswith("bias") and not inner.startswith("backbone.") and not inner.startswith(keep):
+                p.requires_grad_(False)
+    return peft_model
+
+
+_NORMS = (nn.GroupNorm, nn.LayerNorm, nn.modules.batchnorm._NormBase)
+
+
+def norm_modules(model: FoundationNet) -> list[str]:
+    """Full names of the backbone's normalisation layers that have affine parameters, sorted.
+
+    Group, layer, instance and batch norms (instance norm only with ``affine=True``: MONAI's default has
+    none, and then there is nothing to train).
+    """
+    names = []
+    for name, module in model.named_modules():
+        if not name.startswith("backbone.") or not isinstance(module, _NORMS):
+            continue
+        if any(p is not None for p in (getattr(module, "weight", None), getattr(module, "bias", None))):
+            names.append(name)
+    return sorted(names)
+
+
+def lora_param_groups(peft_model: nn.Module, lr: float, lora_lr: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups of a LoRA student: the LoRA factors at ``lora_lr``, the rest at ``lr``.
+
+    The rest is what trains fully: the task head and, when switched on, norm affine parameters and
+    biases. LoRA's B starts at zero and its update is scaled by alpha / r, so the factors need a larger
+    rate than full fine-tuning (about 10x, measured; methods.md §1). Empty groups are left out.
+
+    Args:
+        peft_model: from :func:`add_lora`.
+        lr: learning rate of the fully trained parameters (``train.lr``).
+        lora_lr: learning rate of ``lora_A`` / ``lora_B``.
+    """
+    lora, rest = [], []
+    for name, p in peft_model.named_parameters():
+        if p.requires_grad:
+            (lora if ".lora_A." in name or ".lora_B." in name else rest).append(p)
+    groups = [{"params": lora, "lr": float(lora_lr), "name": "lora"}, {"params": rest, "lr": float(lr), "name": "full"}]
+    return [g for g in groups if g["params"]]
+
+
+def _lora_layers(peft_model: nn.Module) -> dict[str, Any]:
+    """``{base module name: PEFT LoRA layer}`` with the PEFT wrapper prefixes removed."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = {}
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer):
+            layers[name.removeprefix("base_model.model.")] = module
+    return layers
+
+
+def teacher_svd_init(
+    peft_model: nn.Module, start: nn.Module, teacher: nn.Module, adapter: str = "default"
+) -> dict[str, float]:
+    """Start every LoRA pair from the truncated SVD of the teacher's weight change on its layer.
+
+    For a target with weight ``W`` (Linear ``(out, in)``; Conv3d ``(out, in, k, k, k)`` flattened to
+    ``(out, in·k³)``, the layout of PEFT's Conv LoRA: ``A`` a conv with r output channels and ``W``'s
+    kernel, ``B`` a 1x1x1 conv), ``Δ = W_teacher − W_start = U S Vᵀ`` and, with ``s = alpha / r``,
+    ``B = U_r sqrt(S_r) / sqrt(s)``, ``A = sqrt(S_r) V_rᵀ / sqrt(s)``, so that ``W_start + s·BA`` is the
+    best rank-r approximation of ``W_teacher`` (Eckart–Young; exactly ``W_teacher`` when r ≥ rank Δ).
+    The paper's structure W_t = W_{t-1} + (alpha / r) B A is kept; only the starting point changes.
+    When r exceeds ``min(out, in·k³)`` the extra rows of A keep PEFT's random values and the extra
+    columns of B are zero (they add nothing, and can still learn).
+
+    Args:
+        peft_model: from :func:`add_lora` on a copy of ``start``.
+        start: the start model M_{t-1} (unwrapped).
+        teacher: the teacher T_t (same architecture).
+        adapter: PEFT adapter name.
+
+    Returns:
+        ``{layer name: relative error ‖Δ − s·BA‖ / ‖Δ‖}`` (0 where Δ = 0).
+    """
+    start_mods, teacher_mods = dict(start.named_modules()), dict(teacher.named_modules())
+    errors = {}
+    with torch.no_grad():
+        for name, layer in _lora_layers(peft_model).items():
+            if name not in start_mods or name not in teacher_mods:
+                raise ValueError(f"LoRA layer {name!r} is not in the start model and the teacher")
+            w0, wt = start_mods[name].weight, teacher_mods[name].weight
+            if w0.shape != wt.shape:
+                raise ValueError(f"LoRA layer {name!r}: start {tuple(w0.shape)} != teacher {tuple(wt.shape)}")
+            a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+            scale = float(layer.scaling[adapter])
+            delta = (wt.double() - w0.double()).reshape(w0.shape[0], -1)
+            u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
+            r = min(a.shape[0], sv.numel())
+            root = sv[:r].sqrt() / (scale**0.5)
+            new_b = torch.zeros(b.shape[0], b.shape[1], dtype=torch.float64)
+            new_b[:, :r] = u[:, :r] * root
+            new_a = a.detach().reshape(a.shape[0], -1).double().clone()
+            new_a[:r] = root[:, None] * vh[:r]
+            a.copy_(new_a.reshape(a.shape).to(a.dtype))
+            b.copy_(new_b.reshape(b.shape).to(b.dtype))
+            approx = scale * (new_b @ new_a)
+            norm = float(delta.norm())
+            errors[name] = float((delta - approx).norm()) / norm if norm > 0 else 0.0
+    return errors
 
 
 def count_trainable(model: nn.Module) -> tuple[int, int]:
@@ -157,6 +276,15 @@ def save_adapter(peft_model: Any, folder: Path, provenance: Mapping[str, Any] | 
 
     folder = Path(folder)
     state = get_peft_model_state_dict(peft_model)
+    # with bias="all", PEFT lists a trained norm's bias under two names sharing one tensor; keep the
+    # plain name (PEFT's loader maps it to the trained copy)
+    seen: dict[int, str] = {}
+    for key in sorted(state, key=lambda k: (".modules_to_save." in k, k)):
+        ptr = state[key].data_ptr()
+        if ptr in seen and state[key].numel() > 0:
+            del state[key]
+        else:
+            seen[ptr] = key
     save_safetensors(state, folder / ADAPTER_WEIGHTS, provenance=provenance)
     save_json(_config_dict(peft_model), folder / ADAPTER_CONFIG)
 

@@ -116,7 +116,8 @@ class TrainResult:
         best_score: that score (None without validation, or when no score was finite).
         best_step: updates done when the best state was taken (``steps`` without validation).
         log: one row per update: ``step`` (1-based count of updates done), each loss term, ``lr`` (the
-            rate that update used), ``seconds`` (its wall time) and ``val_score`` (NaN where not computed).
+            rate that update used; the first group's with parameter groups, the others' as ``lr_<name>``),
+            ``seconds`` (its wall time) and ``val_score`` (NaN where not computed).
         resumed_from: updates done in the checkpoint this run resumed from, or None for a fresh run.
     """
 
@@ -171,7 +172,9 @@ class Trainer:
         model: the network; moved to ``settings.device``. Its ``state_dict`` is what is checkpointed,
             so every trained parameter must belong to it.
         parameters: the parameters to optimise (e.g. only LoRA and head parameters); each must be one of
-            ``model``'s.
+            ``model``'s. Or AdamW parameter groups: dicts with ``params`` and optionally ``lr`` (the
+            group's peak rate; the schedule scales every group alike) and ``name`` (the log then has a
+            column ``lr_<name>`` per group after the first).
         step_fn: ``step_fn(model, step, generator) -> {"loss": tensor, ...}``: draws its batch using only
             ``generator`` for randomness, runs the forward pass and returns the loss terms; ``"loss"`` is
             backpropagated, every term is logged. ``step`` is the 0-based index of the update.
@@ -187,7 +190,7 @@ class Trainer:
     def __init__(
         self,
         model: nn.Module,
-        parameters: Iterable[nn.Parameter],
+        parameters: Iterable[nn.Parameter] | Iterable[dict[str, Any]],
         step_fn: StepFn,
         settings: TrainSettings,
         work_dir: Path,
@@ -198,7 +201,12 @@ class Trainer:
         self.settings = settings
         self.device = torch.device(settings.device)
         self.model = model.to(self.device)
-        self.parameters = list(parameters)
+        given = list(parameters)
+        if given and all(isinstance(g, dict) for g in given):
+            groups = [{**g, "params": list(g["params"])} for g in given]
+        else:
+            groups = [{"params": given}]
+        self.parameters = [p for g in groups for p in g["params"]]
         if not self.parameters:
             raise ValueError(f"{name}: no parameters to optimise")
         owned = {id(p) for p in self.model.parameters()}
@@ -211,7 +219,7 @@ class Trainer:
         self.config_hash = config_hash
         self.name = name
 
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=settings.lr, weight_decay=settings.weight_decay)
+        self.optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _WarmupCosine(settings.steps, settings.warmup_steps)
         )
@@ -343,10 +351,12 @@ class Trainer:
             with stop.installed():
                 while self.step < s.steps:
                     started = time.perf_counter()
-                    lr = self.optimizer.param_groups[0]["lr"]
+                    groups = self.optimizer.param_groups
+                    rates = {"lr": groups[0]["lr"]}
+                    rates.update({f"lr_{g.get('name', i)}": g["lr"] for i, g in enumerate(groups) if i > 0})
                     terms = self._update(self.step)
                     self.step += 1
-                    row: dict[str, Any] = {"step": self.step, **terms, "lr": lr}
+                    row: dict[str, Any] = {"step": self.step, **terms, **rates}
                     row["seconds"] = time.perf_counter() - started
                     row["val_score"] = math.nan
                     if validating and (self.step % s.val_every == 0 or self.step == s.steps):

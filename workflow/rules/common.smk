@@ -488,11 +488,20 @@ def get_retention_settings(wildcards):
         "kd_kind": m["kd_kind"],
         "kd_temperature": m["kd_temperature"],
         "kd_weight": m["kd_weight"] if wildcards.method in KGRFT else 0.0,
+        "kd_mask": m["kd_mask"],
+        "kd_dilation": m["kd_dilation"],
+        "kd_background_share": m["kd_background_share"],
         "retention_weight": (
             m["retention_weight"]
             if buffer_tables(wildcards.method, wildcards.step)
             else 0.0
         ),
+        "retention_levels": m["retention_levels"],
+        "retention_scale": m["retention_scale"],
+        "lwf_weight": (
+            m["lwf_weight"] if buffer_tables(wildcards.method, wildcards.step) else 0.0
+        ),
+        "grad_log_every": m["grad_log_every"],
         "buffer_batch_size": m["buffer_batch_size"],
     }
     return settings(s)
