@@ -605,7 +605,8 @@ def _sections(summary: pd.DataFrame, forgetting: pd.DataFrame, bwt: pd.DataFrame
     out = [Section(1, "segadapt summary",
                    "Test-set mean ± sample std over cases; a case's value is the mean over its foreground classes. "
                    "Each method is scored with the model of the step that learned the task (`all` for multi-task "
-                   "training). A value without ± comes from a single case.")]
+                   "training). A value without ± comes from a single case. A model trained under several seeds has "
+                   "each case's mean over its seeds here; the spread between seeds has its own table.")]
     for metric in SUMMARY_METRICS:
         part = summary[summary["metric"] == metric]
         if part.empty:
