@@ -8,7 +8,11 @@ Markdown + HTML rendering of the same numbers. Conventions (methods.md §0, §3)
   task, or ``all`` for a multi-task model) — the layout of the MedSeqFT and ASSFT papers' tables;
 - methods evaluated after several steps (rows with step != task) give the sequential matrix
   R[i, j] = mean Dice on task j after step i and backward transfer
-  BWT = 1/(n-1) Σ_{j<n} (R[n, j] − R[j, j]) (Lopez-Paz & Ranzato, Gradient Episodic Memory, NeurIPS 2017).
+  BWT = 1/(n-1) Σ_{j<n} (R[n, j] − R[j, j]) (Lopez-Paz & Ranzato, Gradient Episodic Memory, NeurIPS 2017);
+- a model trained under several training seeds (the metrics' ``seed`` column) is summarised by the mean
+  over seeds and its spread (sd over seeds of the per-seed mean over cases); paired comparisons resample
+  seeds, then cases (:func:`hierarchical_bootstrap_ci`), so an interval is a method effect, not the case
+  noise of one run; each row says how many optimiser steps made the two models (compute-matched or not).
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ __all__ = [
     "sequential_matrix",
     "backward_transfer",
     "bootstrap_mean_ci",
+    "hierarchical_bootstrap_ci",
+    "seed_case_table",
     "paired_comparisons",
     "budget_table",
     "log_origin",
@@ -60,7 +66,8 @@ LOG_STAGES = {"teacher": "teacher", "adapter": "adapter"}
 FORGETTING_COLUMNS = ["method", "step", "task", "step_index", "task_index", "dice", "cases"]
 BWT_COLUMNS = ["method", "bwt", "tasks", "final_step"]
 PAIRED_COLUMNS = ["reference", "method", "task", "step", "metric", "cases", "mean_diff", "ci_low", "ci_high",
-                  "ci", "n_boot", "seed"]
+                  "ci", "n_boot", "seed", "seeds_ref", "seeds", "seed_sd", "steps_ref", "steps", "compute_matched"]
+CASE_RESAMPLING = ("shared", "per_seed")
 BUDGET_OUT_COLUMNS = ["strategy", "round", "labels", "dice_mean", "dice_std", "seeds"]
 LOG_KEYS = ["method", "step", "stage", "iteration"]
 
@@ -81,6 +88,13 @@ class SummarySettings:
         labels_per_round: ASSFT's labelling budget per round; when > 0 the budget curves are also
             read from the metrics of the active-learning chains (method ``assft_<strategy>``, step
             ``round<r>``: the model fine-tuned on the labels of rounds 0..r).
+        training_steps: optimiser steps of the training jobs that made each compared model from its start
+            model, by method (``medseqft``: teacher + student) or by ``method@step`` for the active-learning
+            models (``assft_dkd_asd@round1+selective``); the workflow passes them. A paired row whose two
+            models have the same known count is marked compute-matched.
+        case_resampling: how the hierarchical bootstrap draws cases after the seeds: ``shared`` (one draw of
+            the test cases per resample, used by every drawn seed: the same cases are tested under every
+            seed) or ``per_seed`` (an independent draw within each drawn seed, the nested scheme).
     """
 
     reference: str = "medseqft"
@@ -89,19 +103,29 @@ class SummarySettings:
     seed: int = 0
     order: tuple[str, ...] = field(default_factory=tuple)
     labels_per_round: int = 0
+    training_steps: Mapping[str, int] = field(default_factory=dict)
+    case_resampling: str = "shared"
 
     @classmethod
     def from_mapping(cls, settings: Mapping[str, Any]) -> SummarySettings:
         """Build from the ``--settings`` JSON object, refusing unknown keys and bad values by name."""
-        known = {"reference", "n_boot", "ci", "seed", "order", "labels_per_round"}
+        known = {"reference", "n_boot", "ci", "seed", "order", "labels_per_round", "training_steps",
+                 "case_resampling"}
         unknown = sorted(set(settings) - known)
         if unknown:
             raise InputError("--settings", f"unknown keys {unknown} (known: {sorted(known)})")
-        out = cls(**{k: (tuple(v or ()) if k == "order" else v) for k, v in settings.items()})
+        convert = {"order": lambda v: tuple(v or ()), "training_steps": lambda v: dict(v or {})}
+        out = cls(**{k: convert.get(k, lambda v: v)(v) for k, v in settings.items()})
         if not isinstance(out.n_boot, int) or out.n_boot < 1:
             raise InputError("--settings", f"n_boot must be a positive integer, got {out.n_boot!r}")
         if not 0 < float(out.ci) < 1:
             raise InputError("--settings", f"ci must lie in (0, 1), got {out.ci!r}")
+        if out.case_resampling not in CASE_RESAMPLING:
+            raise InputError("--settings", f"case_resampling must be one of {list(CASE_RESAMPLING)}, "
+                                           f"got {out.case_resampling!r}")
+        bad = {k: v for k, v in out.training_steps.items() if not isinstance(v, int) or v < 0}
+        if bad:
+            raise InputError("--settings", f"training_steps must map names to step counts >= 0, got {bad}")
         return out
 
 
@@ -143,11 +167,32 @@ def _own_mask(cases: pd.DataFrame) -> np.ndarray:
     return own | multi
 
 
-def summary_table(metrics: pd.DataFrame) -> pd.DataFrame:
+def seed_case_table(metrics: pd.DataFrame, default_seed: int = 0) -> pd.DataFrame:
+    """As :func:`case_table` but one row per training seed too (column ``seed``): the unit of the seed spread.
+
+    Metrics without a ``seed`` column (or with an empty one) count as one run under ``default_seed``.
+    """
+    fg = metrics[metrics["class"] >= 1]
+    seeds = fg["seed"] if "seed" in fg.columns else pd.Series(np.nan, index=fg.index)
+    fg = fg.assign(seed=pd.to_numeric(seeds, errors="coerce").fillna(default_seed).astype("int64"))
+    out = (
+        fg.groupby(["method", "step", "task", "seed", "case", "metric"], sort=True)["value"]
+        .mean()
+        .reset_index()
+    )
+    out["own_step"] = _own_mask(out)
+    return out
+
+
+def summary_table(metrics: pd.DataFrame, default_seed: int = 0) -> pd.DataFrame:
     """Mean, sample std (ddof 1; NaN for one case) and case count per method, task and metric, own-step model.
+
+    With several training seeds a case's value is its mean over seeds; ``seeds`` counts them and
+    ``seed_std`` is the sample std over seeds of each seed's mean over cases (NaN for one seed).
 
     Args:
         metrics: the long metrics table (case, class, metric rows) of every evaluated model.
+        default_seed: the seed of metrics without a ``seed`` column.
     """
     own = own_step(case_table(metrics))
     out = (
@@ -156,7 +201,14 @@ def summary_table(metrics: pd.DataFrame) -> pd.DataFrame:
         .reset_index()
     )
     out["cases"] = out["cases"].astype("int64")
-    return out[["method", "step", "task", "metric", "mean", "std", "cases"]]
+    per_seed = seed_case_table(metrics, default_seed)
+    per_seed = per_seed[per_seed["own_step"]]
+    per_seed = per_seed.groupby(["method", "task", "metric", "seed"], sort=True)["value"].mean().reset_index()
+    spread = (per_seed.groupby(["method", "task", "metric"], sort=True)["value"]
+              .agg(seeds="count", seed_std="std").reset_index())
+    out = out.merge(spread, on=["method", "task", "metric"], how="left")
+    out["seeds"] = out["seeds"].astype("int64")
+    return out[["method", "step", "task", "metric", "mean", "std", "cases", "seeds", "seed_std"]]
 
 
 def _step_order(method_cases: pd.DataFrame, order: Sequence[str]) -> list[str]:
@@ -243,14 +295,119 @@ def bootstrap_mean_ci(diffs: np.ndarray, n_boot: int, ci: float, rng: np.random.
     return float(low), float(high)
 
 
+def hierarchical_bootstrap_ci(ref: np.ndarray, other: np.ndarray, n_boot: int, ci: float,
+                              rng: np.random.Generator, paired_seeds: bool = True,
+                              case_resampling: str = "shared") -> tuple[float, float, float, float]:
+    """Percentile interval of the mean difference ``ref − other`` that resamples training seeds, then cases.
+
+    Each resample draws seeds with replacement (the same draw for both models when ``paired_seeds``: the
+    two share each seed's run, e.g. ASSFT's semi-supervised model and its equal-steps control continue
+    the same round model; otherwise each model's seeds are drawn on their own), then test cases with
+    replacement. ``shared`` draws the cases once per resample for every drawn seed (the test cases are
+    the same under every seed, a crossed design, and the case term is then not divided by the number of
+    seeds); ``per_seed`` draws them anew within each drawn seed (the nested scheme). With one seed on
+    both sides no seed is drawn: the result equals :func:`bootstrap_mean_ci` on the case differences.
+
+    Args:
+        ref, other: per-seed, per-case values, shape (seeds, cases), the same cases in the same column
+            order (rows of ``ref`` and ``other`` are the same seeds, in order, when ``paired_seeds``).
+        n_boot: resamples.
+        ci: coverage, e.g. 0.95.
+        rng: the generator that draws the resamples.
+        paired_seeds: whether row k of ``ref`` and of ``other`` come from the same seed.
+        case_resampling: ``shared`` or ``per_seed`` (see above).
+
+    Returns:
+        (mean difference, interval low, interval high, sample sd over seeds of the per-seed mean difference;
+        NaN unless the seeds are paired and there are several).
+    """
+    r, o = np.asarray(ref, dtype=np.float64), np.asarray(other, dtype=np.float64)
+    if r.ndim != 2 or o.ndim != 2 or r.shape[1] != o.shape[1] or r.shape[1] == 0:
+        raise ValueError(f"ref and other must be (seeds, cases) with the same cases, got {r.shape} and {o.shape}")
+    if case_resampling not in CASE_RESAMPLING:
+        raise ValueError(f"case_resampling must be one of {CASE_RESAMPLING}, got {case_resampling!r}")
+    if paired_seeds and r.shape[0] != o.shape[0]:
+        raise ValueError(f"paired seeds need as many seeds on both sides, got {r.shape[0]} and {o.shape[0]}")
+    n_cases = r.shape[1]
+    alpha = (1.0 - ci) / 2.0
+    if r.shape[0] == 1 and o.shape[0] == 1:
+        diffs = r[0] - o[0]
+        low, high = bootstrap_mean_ci(diffs, n_boot, ci, rng)
+        return float(diffs.mean()), low, high, float("nan")
+
+    def draw_seeds(n_seeds: int) -> np.ndarray:
+        return rng.integers(0, n_seeds, size=(n_boot, n_seeds))
+
+    def resampled(values: np.ndarray, seeds: np.ndarray, cases: np.ndarray | None) -> np.ndarray:
+        # the mean over the drawn seeds and the drawn cases, per resample
+        if cases is not None:  # shared: one case draw for every drawn seed
+            weights = np.zeros((n_boot, values.shape[0]))
+            np.add.at(weights, (np.arange(n_boot)[:, None], seeds), 1.0 / seeds.shape[1])
+            per_case = weights @ values  # (n_boot, cases): mean over the drawn seeds
+            return np.take_along_axis(per_case, cases, axis=1).mean(axis=1)
+        within = rng.integers(0, n_cases, size=(*seeds.shape, n_cases))
+        return values[seeds[:, :, None], within].mean(axis=(1, 2))
+
+    if paired_seeds:
+        d = r - o
+        seeds = draw_seeds(d.shape[0])
+        cases = rng.integers(0, n_cases, size=(n_boot, n_cases)) if case_resampling == "shared" else None
+        means = resampled(d, seeds, cases)
+        per_seed = d.mean(axis=1)
+        point, seed_sd = float(d.mean()), float(per_seed.std(ddof=1))
+    else:
+        seeds_r, seeds_o = draw_seeds(r.shape[0]), draw_seeds(o.shape[0])
+        if case_resampling == "shared":
+            cases = rng.integers(0, n_cases, size=(n_boot, n_cases))
+            means = resampled(r, seeds_r, cases) - resampled(o, seeds_o, cases)
+        else:
+            means = resampled(r, seeds_r, None) - resampled(o, seeds_o, None)
+        point, seed_sd = float(r.mean() - o.mean()), float("nan")
+    low, high = np.quantile(means, [alpha, 1.0 - alpha])
+    return point, float(low), float(high), seed_sd
+
+
+def _seed_matrix(rows: pd.DataFrame) -> pd.DataFrame:
+    """Values of one model as a seed x case matrix (rows: seeds in order, columns: cases in order)."""
+    return rows.pivot_table(index="seed", columns="case", values="value", aggfunc="mean").sort_index()
+
+
+def _compare(ref_rows: pd.DataFrame, other_rows: pd.DataFrame, settings: SummarySettings,
+             names: Sequence[str]) -> dict[str, Any] | None:
+    """One paired row (mean, interval, seed counts and spread) of ref − other on their common cases."""
+    a, b = _seed_matrix(ref_rows), _seed_matrix(other_rows)
+    # a case counts when every seed of both models has it
+    common = sorted(set(a.columns[a.notna().all()]) & set(b.columns[b.notna().all()]))
+    if not common:
+        return None
+    paired = list(a.index) == list(b.index)
+    mean, low, high, seed_sd = hierarchical_bootstrap_ci(
+        a[common].to_numpy(), b[common].to_numpy(), settings.n_boot, settings.ci,
+        _stream(settings.seed, *names), paired_seeds=paired, case_resampling=settings.case_resampling)
+    return {"cases": len(common), "mean_diff": mean, "ci_low": low, "ci_high": high, "ci": float(settings.ci),
+            "n_boot": int(settings.n_boot), "seed": int(settings.seed), "seeds_ref": int(len(a.index)),
+            "seeds": int(len(b.index)), "seed_sd": seed_sd}
+
+
+def _steps_of(settings: SummarySettings, ref: str, other: str) -> dict[str, Any]:
+    known = settings.training_steps
+    mine, theirs = known.get(ref), known.get(other)
+    return {"steps_ref": -1 if mine is None else int(mine), "steps": -1 if theirs is None else int(theirs),
+            "compute_matched": mine is not None and mine == theirs}
+
+
 def paired_comparisons(cases: pd.DataFrame, settings: SummarySettings) -> pd.DataFrame:
     """Reference − other on the same test cases, per task and metric, own-step models: mean and bootstrap CI.
 
+    The interval resamples training seeds, then cases (:func:`hierarchical_bootstrap_ci`; one seed: the
+    case bootstrap); seeds are paired when both methods ran under the same seeds.
+
     Args:
-        cases: the per-case table of :func:`case_table`.
-        settings: ``reference``, ``n_boot``, ``ci``, ``seed``.
+        cases: the per-seed, per-case table of :func:`seed_case_table` (a table without ``seed``, as
+            :func:`case_table` writes it, counts as one seed).
+        settings: ``reference``, ``n_boot``, ``ci``, ``seed``, ``training_steps``, ``case_resampling``.
     """
-    own = own_step(cases)
+    own = own_step(cases if "seed" in cases.columns else cases.assign(seed=settings.seed))
     own = own[own["metric"].isin(PAIRED_METRICS)]
     ref = own[own["method"] == settings.reference]
     rows = []
@@ -258,16 +415,14 @@ def paired_comparisons(cases: pd.DataFrame, settings: SummarySettings) -> pd.Dat
         ["method", "task", "metric"], sort=True
     ):
         mine = ref[(ref["task"] == task) & (ref["metric"] == metric)]
-        pair = mine.merge(other, on="case", suffixes=("_ref", "_other"))
-        if pair.empty:
+        if mine.empty:
             continue
-        diffs = (pair["value_ref"] - pair["value_other"]).to_numpy()
-        rng = _stream(settings.seed, settings.reference, method, task, metric)
-        low, high = bootstrap_mean_ci(diffs, settings.n_boot, settings.ci, rng)
+        row = _compare(mine, other, settings, (settings.reference, method, task, metric))
+        if row is None:
+            continue
         rows.append({"reference": settings.reference, "method": method, "task": task,
-                     "step": str(other["step"].iloc[0]), "metric": metric, "cases": int(len(pair)),
-                     "mean_diff": float(diffs.mean()), "ci_low": low, "ci_high": high, "ci": float(settings.ci),
-                     "n_boot": int(settings.n_boot), "seed": int(settings.seed)})
+                     "step": str(other["step"].iloc[0]), "metric": metric, **row,
+                     **_steps_of(settings, settings.reference, method)})
     return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
 
 
@@ -279,10 +434,13 @@ def active_paired_comparisons(cases: pd.DataFrame, settings: SummarySettings) ->
 
     The reference is ASSFT's final model: the DKD+ASD chain after the last round with selective
     semi-supervision (``round<R>+selective``; without it, ``round<R>``). It is compared with every other
-    strategy's last-round model (random and the other query baselines; a strategy run under several
-    seeds is first averaged over its seeds per case, as in :func:`case_table`) and with its own
-    semi-supervision baselines (``+all``, none = ``round<R>``). Rows name ``method@step``.
+    strategy's last-round models (random and the other query baselines, under their own seeds) and with
+    its own semi-supervision baselines (``+all``; none = ``round<R>``; ``+continue``, the equal-steps
+    control: the round model fine-tuned as long again on the labelled cases only). Intervals resample
+    the chains' seeds, then cases (paired by seed where both ran the same seeds). Rows name ``method@step``.
     """
+    if "seed" not in cases.columns:
+        cases = cases.assign(seed=settings.seed)
     active = cases[cases["method"].str.startswith("assft_") & cases["metric"].isin(PAIRED_METRICS)]
     rounds = active["step"].str.extract(r"^round(\d+)", expand=False).dropna().astype(int)
     if rounds.empty:
@@ -291,20 +449,20 @@ def active_paired_comparisons(cases: pd.DataFrame, settings: SummarySettings) ->
     mine = active[active["method"] == ACTIVE_REFERENCE]
     ref_step = f"{last}+selective" if (mine["step"] == f"{last}+selective").any() else last
     ref = mine[mine["step"] == ref_step]
-    others = active[(active["step"] == last) | ((active["method"] == ACTIVE_REFERENCE) & active["step"].str.startswith(f"{last}+"))]
+    others = active[(active["step"] == last) | active["step"].str.startswith(f"{last}+")]
     others = others[~((others["method"] == ACTIVE_REFERENCE) & (others["step"] == ref_step))]
     reference = f"{ACTIVE_REFERENCE}@{ref_step}"
     rows = []
     for (method, step, task, metric), other in others.groupby(["method", "step", "task", "metric"], sort=True):
-        pair = ref[(ref["task"] == task) & (ref["metric"] == metric)].merge(other, on="case", suffixes=("_ref", "_other"))
-        if pair.empty:
+        mine_rows = ref[(ref["task"] == task) & (ref["metric"] == metric)]
+        if mine_rows.empty:
             continue
-        diffs = (pair["value_ref"] - pair["value_other"]).to_numpy()
         name = f"{method}@{step}"
-        low, high = bootstrap_mean_ci(diffs, settings.n_boot, settings.ci, _stream(settings.seed, reference, name, task, metric))
+        row = _compare(mine_rows, other, settings, (reference, name, task, metric))
+        if row is None:
+            continue
         rows.append({"reference": reference, "method": name, "task": task, "step": step, "metric": metric,
-                     "cases": int(len(pair)), "mean_diff": float(diffs.mean()), "ci_low": low, "ci_high": high,
-                     "ci": float(settings.ci), "n_boot": int(settings.n_boot), "seed": int(settings.seed)})
+                     **row, **_steps_of(settings, reference, name)})
     return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
 
 
@@ -418,12 +576,38 @@ def _signed(value: float, digits: int = 3) -> str:
     return f"{0.0:.{digits}f}" if round(value, digits) == 0 else f"{value:+.{digits}f}"
 
 
+def _paired_section(reference: str, paired: pd.DataFrame, settings: SummarySettings) -> Section:
+    pct = f"{round(100 * settings.ci)} %"
+    rows = []
+    for r in paired.itertuples(index=False):
+        steps = "–" if r.steps_ref < 0 or r.steps < 0 else f"{r.steps_ref} / {r.steps}"
+        matched = "yes" if r.compute_matched else ("–" if steps == "–" else "no")
+        rows.append([r.method, r.task, METRIC_TITLES[r.metric], f"{r.seeds_ref} / {r.seeds}", str(r.cases),
+                     _signed(r.mean_diff), f"[{_signed(r.ci_low)}, {_signed(r.ci_high)}]", _fmt(r.seed_sd),
+                     steps, matched])
+    several = bool(((paired["seeds_ref"] > 1) | (paired["seeds"] > 1)).any())
+    how = ("resampling training seeds, then test cases" + (
+        " (one case draw shared by every drawn seed)" if settings.case_resampling == "shared"
+        else " (cases drawn anew within each seed)") + "; seeds are paired where both sides ran the same seeds"
+           if several else "over test cases (one training seed on each side)")
+    return Section(2, f"Paired comparison: {reference} − each method",
+                   f"Mean over the same test cases and training seeds of ({reference} − method), {pct} percentile "
+                   f"bootstrap interval {how} ({settings.n_boot} resamples, seed {settings.seed}); seed sd: the "
+                   "sample sd over paired seeds of the per-seed mean difference. Training steps: optimiser steps of "
+                   "the jobs that made each model from its start model (K&G RFT: teacher + student; a "
+                   "semi-supervised or continued ASSFT model: its round model's steps + the continuation's); "
+                   "compute-matched when equal. Dice: positive favours the reference; HD95: negative favours it.",
+                   ["method", "task", "metric", "seeds (ref / method)", "cases", "mean difference", f"{pct} CI",
+                    "seed sd", "training steps (ref / method)", "compute-matched"], rows)
+
+
 def _sections(summary: pd.DataFrame, forgetting: pd.DataFrame, bwt: pd.DataFrame, paired: pd.DataFrame,
               budget: pd.DataFrame, logs: pd.DataFrame, settings: SummarySettings) -> list[Section]:
     out = [Section(1, "segadapt summary",
                    "Test-set mean ± sample std over cases; a case's value is the mean over its foreground classes. "
                    "Each method is scored with the model of the step that learned the task (`all` for multi-task "
-                   "training). A value without ± comes from a single case.")]
+                   "training). A value without ± comes from a single case. A model trained under several seeds has "
+                   "each case's mean over its seeds here; the spread between seeds has its own table.")]
     for metric in SUMMARY_METRICS:
         part = summary[summary["metric"] == metric]
         if part.empty:
@@ -444,6 +628,26 @@ def _sections(summary: pd.DataFrame, forgetting: pd.DataFrame, bwt: pd.DataFrame
         out.append(Section(2, f"{METRIC_TITLES[metric]}: mean ± std over test cases",
                            "The last column is the mean of the method's task means.",
                            ["method", *tasks, "mean over tasks"], rows))
+    seeded = summary[summary["seeds"] > 1] if "seeds" in summary.columns else summary.iloc[:0]
+    for metric in SUMMARY_METRICS:
+        part = seeded[seeded["metric"] == metric]
+        if part.empty:
+            continue
+        tasks = sorted(summary.loc[summary["metric"] == metric, "task"].unique())
+        rows = []
+        for method, grp in summary[(summary["metric"] == metric)
+                                   & summary["method"].isin(set(part["method"]))].groupby("method", sort=True):
+            cells = []
+            for t in tasks:
+                r = grp[grp["task"] == t]
+                cells.append("–" if r.empty else f"{_fmt(r['mean'].iloc[0])} ± {_fmt(r['seed_std'].iloc[0])} "
+                                                  f"({int(r['seeds'].iloc[0])})")
+            rows.append([method, *cells])
+        out.append(Section(2, f"{METRIC_TITLES[metric]}: mean ± sd over training seeds",
+                           "Methods trained under several seeds: the mean over seeds of each seed's mean over test "
+                           "cases ± the sample sd of those per-seed means (number of seeds in brackets). The "
+                           "spread between runs that differ only in their seed is the noise a method effect must "
+                           "exceed.", ["method", *tasks], rows))
     if not forgetting.empty:
         out.append(Section(2, "Forgetting: R[i, j] = mean Dice on task j after step i",
                            "Rows: the model after each training step; columns: the tasks learned so far. "
@@ -459,20 +663,12 @@ def _sections(summary: pd.DataFrame, forgetting: pd.DataFrame, bwt: pd.DataFrame
         out.append(Section(3, "Backward transfer", "", ["method", "BWT", "tasks", "final step"],
                            [[m, _signed(v), str(n), s] for m, v, n, s in
                             zip(bwt["method"], bwt["bwt"], bwt["tasks"], bwt["final_step"])]))
-    if paired.empty:
+    if paired.empty or not (paired["reference"] == settings.reference).any():
         out.append(Section(2, f"Paired comparison against {settings.reference}",
                            f"No comparison: `{settings.reference}` has no own-step metrics, or shares no test "
                            "case with another method."))
-    else:
-        pct = f"{round(100 * settings.ci)} %"
-        rows = [[m, t, METRIC_TITLES[k], str(n), _signed(d), f"[{_signed(lo)}, {_signed(hi)}]"]
-                for m, t, k, n, d, lo, hi in zip(paired["method"], paired["task"], paired["metric"], paired["cases"],
-                                                 paired["mean_diff"], paired["ci_low"], paired["ci_high"])]
-        out.append(Section(2, f"Paired comparison: {settings.reference} − each method",
-                           f"Mean over the same test cases of ({settings.reference} − method), {pct} percentile "
-                           f"bootstrap interval over cases ({settings.n_boot} resamples, seed {settings.seed}). "
-                           "Dice: positive favours the reference; HD95: negative favours it.",
-                           ["method", "task", "metric", "cases", "mean difference", f"{pct} CI"], rows))
+    for reference, part in paired.groupby("reference", sort=False):
+        out.append(_paired_section(reference, part, settings))
     if not budget.empty:
         rows = [[s, str(r), str(n), _fmt(m), _fmt(sd), str(k)] for s, r, n, m, sd, k in
                 zip(budget["strategy"], budget["round"], budget["labels"], budget["dice_mean"], budget["dice_std"],
@@ -567,10 +763,13 @@ def run(metrics: Sequence[Path], out: Path, settings: Mapping[str, Any], train_l
     table = pd.concat(frames, ignore_index=True).sort_values(
         ["method", "step", "task", "case", "class", "metric"]).reset_index(drop=True)
     cases = case_table(table)
-    summary = summary_table(table)
+    seeded = seed_case_table(table, conf.seed)
+    summary = summary_table(table, conf.seed)
     forgetting = sequential_matrix(cases, conf.order)
     bwt = backward_transfer(forgetting)
-    paired = pd.concat([paired_comparisons(cases, conf), active_paired_comparisons(cases, conf)], ignore_index=True)
+    paired = pd.concat([paired_comparisons(seeded, conf), active_paired_comparisons(seeded, conf)],
+                       ignore_index=True)
+    paired = paired.astype({"compute_matched": bool}) if not paired.empty else paired
     rounds = [r for r in [*rounds, active_rounds(table, conf.labels_per_round)] if not r.empty]
     budget_curve = budget_table(pd.concat(rounds, ignore_index=True) if rounds else pd.DataFrame(
         columns=BUDGET_COLUMNS))
@@ -579,7 +778,8 @@ def run(metrics: Sequence[Path], out: Path, settings: Mapping[str, Any], train_l
     hashes = {str(p): sha256_file(p) for p in [*metrics, *train_logs, *budget]}
     recorded = {"reference": conf.reference, "n_boot": conf.n_boot, "ci": conf.ci, "seed": conf.seed,
                 "labels_per_round": conf.labels_per_round,
-                "order": list(conf.order)}
+                "order": list(conf.order), "training_steps": dict(sorted(conf.training_steps.items())),
+                "case_resampling": conf.case_resampling}
 
     def prov(paths: Sequence[Path]) -> dict[str, Any]:
         return make_provenance("aggregate", recorded, inputs={str(p): hashes[str(p)] for p in paths}, seed=conf.seed)
@@ -612,7 +812,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--budget", type=Path, nargs="*", default=[],
                         help="active-learning round tables (strategy, round, labels, seed, dice)")
     parser.add_argument("--settings", type=json.loads, default={},
-                        help="JSON object: reference, n_boot, ci, seed, order")
+                        help="JSON object: reference, n_boot, ci, seed, order, labels_per_round, "
+                             "training_steps, case_resampling")
     args = parser.parse_args(argv)
     with stage_log(parser, args):
         if not isinstance(args.settings, dict):

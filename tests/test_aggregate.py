@@ -257,3 +257,150 @@ def test_assft_is_compared_with_its_baselines_after_the_last_round() -> None:
     assert out.loc["assft_random@round1", "mean_diff"] == pytest.approx(0.19)  # 0.8 - mean(0.60, 0.62)
     assert out.loc["assft_dkd_asd@round1", "mean_diff"] == pytest.approx(0.10)
     assert (out["cases"] == 4).all()
+
+
+# ------------------------------------------------------------------ training seeds (issue 16, item 6)
+
+
+def test_one_seed_hierarchical_bootstrap_is_the_case_bootstrap() -> None:
+    rng = np.random.default_rng(5)
+    ref, other = rng.normal(0.7, 0.1, size=(1, 30)), rng.normal(0.6, 0.1, size=(1, 30))
+    mean, low, high, seed_sd = aggregate.hierarchical_bootstrap_ci(ref, other, 500, 0.95, np.random.default_rng(9))
+    case = aggregate.bootstrap_mean_ci(ref[0] - other[0], 500, 0.95, np.random.default_rng(9))
+    assert (low, high) == case and mean == pytest.approx((ref - other).mean()) and np.isnan(seed_sd)
+    # seed values need not match for one seed each: there is nothing to resample at the seed level
+    again = aggregate.hierarchical_bootstrap_ci(ref, other, 500, 0.95, np.random.default_rng(9), paired_seeds=False)
+    assert again[1:3] == case
+
+
+@pytest.mark.parametrize("resampling", ["shared", "per_seed"])
+def test_seed_noise_without_case_noise_gets_an_interval_over_the_seed_spread(resampling: str) -> None:
+    # the difference is the same on every case of a seed but varies between seeds: a case bootstrap of the
+    # seed-averaged differences would give a zero-width interval; resampling seeds must give the seed spread
+    effects = np.array([0.00, 0.04, 0.08, 0.12, 0.16])
+    ref = np.repeat(effects[:, None], 20, axis=1) + 0.5
+    other = np.full_like(ref, 0.5)
+    mean, low, high, seed_sd = aggregate.hierarchical_bootstrap_ci(ref, other, 4000, 0.95, np.random.default_rng(0),
+                                                                   case_resampling=resampling)
+    assert mean == pytest.approx(0.08) and seed_sd == pytest.approx(np.std(effects, ddof=1))
+    # at least mean ± one standard error of the seed mean, never beyond the seeds' range
+    se = np.std(effects, ddof=1) / np.sqrt(effects.size)
+    assert effects.min() <= low <= mean - se and mean + se <= high <= effects.max()
+    case_only = aggregate.bootstrap_mean_ci((ref - other).mean(axis=0), 4000, 0.95, np.random.default_rng(0))
+    assert case_only[1] - case_only[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_hierarchical_bootstrap_covers_a_seed_and_case_effect_at_about_its_level() -> None:
+    # 200 studies, 8 seeds x 30 cases: true effect 0.05, seed sd 0.03, case sd 0.05 (crossed: the same cases
+    # under every seed); the two-way interval should cover 0.05 in most studies
+    rng = np.random.default_rng(21)
+    hits = 0
+    for _ in range(200):
+        case_effect = rng.normal(0.0, 0.05, size=30)
+        seed_effect = rng.normal(0.0, 0.03, size=(8, 1))
+        diffs = 0.05 + seed_effect + case_effect + rng.normal(0.0, 0.01, size=(8, 30))
+        _, low, high, _ = aggregate.hierarchical_bootstrap_ci(diffs, np.zeros_like(diffs), 400, 0.95, rng)
+        hits += low < 0.05 < high
+    assert 0.85 <= hits / 200 <= 1.0
+
+
+def test_unpaired_seeds_compare_the_means_and_are_seeded() -> None:
+    rng = np.random.default_rng(3)
+    ref, other = rng.normal(0.7, 0.05, size=(3, 12)), rng.normal(0.6, 0.05, size=(2, 12))
+    a = aggregate.hierarchical_bootstrap_ci(ref, other, 300, 0.9, np.random.default_rng(1), paired_seeds=False)
+    b = aggregate.hierarchical_bootstrap_ci(ref, other, 300, 0.9, np.random.default_rng(1), paired_seeds=False)
+    assert a[:3] == b[:3] and np.isnan(a[3])
+    assert a[0] == pytest.approx(ref.mean() - other.mean()) and a[1] < a[0] < a[2]
+    with pytest.raises(ValueError, match="paired seeds need as many seeds"):
+        aggregate.hierarchical_bootstrap_ci(ref, other, 300, 0.9, np.random.default_rng(1))
+
+
+def two_seed_metrics() -> pd.DataFrame:
+    """A fake evaluation under training seeds 0 and 1: medseqft (2N steps), parallel_ft (N), parallel_ft_2x (2N).
+
+    Dice per (method, seed, case) on task liver, one foreground class, three test cases.
+    """
+    values = {
+        ("medseqft", 0): [0.80, 0.70, 0.60],  # seed mean 0.70
+        ("medseqft", 1): [0.90, 0.80, 0.70],  # 0.80
+        ("parallel_ft", 0): [0.60, 0.50, 0.40],  # 0.50
+        ("parallel_ft", 1): [0.60, 0.50, 0.40],  # 0.50
+        ("parallel_ft_2x", 0): [0.70, 0.70, 0.70],  # 0.70
+        ("parallel_ft_2x", 1): [0.80, 0.80, 0.80],  # 0.80
+    }
+    rows = []
+    for (method, seed), per_case in values.items():
+        for i, v in enumerate(per_case):
+            rows.append({"method": method, "step": "liver", "task": "liver", "case": f"liver_{i:03d}", "class": 1,
+                         "metric": "dice", "value": v, "flag": "", "seed": seed})
+    return pd.DataFrame(rows)
+
+
+def test_aggregate_of_a_two_seed_evaluation_gives_the_seed_table(tmp_path: Path) -> None:
+    df = two_seed_metrics()
+    paths = []
+    for (method, seed), part in df.groupby(["method", "seed"]):
+        # where the workflow puts them: the first seed in the old layout, later seeds one level down
+        folder = tmp_path / "eval" / (method if seed == 0 else f"{method}/seed{seed}") / "liver"
+        write_parquet(part.reset_index(drop=True), folder / "metrics.parquet", make_provenance("evaluate", {}))
+        paths.append(folder / "metrics.parquet")
+    settings = {"reference": "medseqft", "n_boot": 500, "seed": 0,
+                "training_steps": {"medseqft": 12, "parallel_ft": 6, "parallel_ft_2x": 12}}
+    out = tmp_path / "summary"
+    aggregate.run(paths, out, settings)
+
+    summary = read_parquet(out / "summary.parquet").set_index("method")
+    assert summary.loc["medseqft", "mean"] == pytest.approx(0.75)
+    assert summary.loc["medseqft", "seeds"] == 2
+    assert summary.loc["medseqft", "seed_std"] == pytest.approx(np.std([0.7, 0.8], ddof=1))
+    assert summary.loc["parallel_ft", "seed_std"] == pytest.approx(0.0)
+    # the std over cases is over each case's mean over seeds: (0.85, 0.75, 0.65)
+    assert summary.loc["medseqft", "std"] == pytest.approx(0.1) and summary.loc["medseqft", "cases"] == 3
+
+    paired = read_parquet(out / "paired.parquet").set_index("method")
+    full = paired.loc["parallel_ft"]
+    assert full["mean_diff"] == pytest.approx(0.25) and full["seeds_ref"] == 2 and full["seeds"] == 2
+    assert full["seed_sd"] == pytest.approx(np.std([0.2, 0.3], ddof=1))  # per-seed differences 0.2, 0.3
+    assert not full["compute_matched"] and (full["steps_ref"], full["steps"]) == (12, 6)
+    matched = paired.loc["parallel_ft_2x"]
+    # the differences are (0.1, 0, -0.1) under both seeds: the mean is 0 and no seed spread
+    assert matched["mean_diff"] == pytest.approx(0.0, abs=1e-12) and matched["seed_sd"] == pytest.approx(0.0)
+    assert matched["compute_matched"] and matched["ci_low"] < 0 < matched["ci_high"]
+
+    md = (out / "summary.md").read_text()
+    assert "## Dice: mean ± sd over training seeds" in md
+    assert "| medseqft | 0.750 ± 0.071 (2) |" in md
+    assert "| parallel_ft_2x | liver | Dice | 2 / 2 | 3 | 0.000 |" in md and "| 12 / 12 | yes |" in md
+    assert "| 12 / 6 | no |" in md
+    assert "resampling training seeds, then test cases" in md
+
+
+def test_one_seed_summary_has_no_seed_table(tmp_path: Path) -> None:
+    df = two_seed_metrics()
+    paths = write_metrics(tmp_path, df[df["seed"] == 0])
+    aggregate.run(paths, tmp_path / "s", {"n_boot": 100})
+    md = (tmp_path / "s" / "summary.md").read_text()
+    assert "over training seeds" not in md and "over test cases (one training seed on each side)" in md
+    paired = read_parquet(tmp_path / "s" / "paired.parquet")
+    assert (paired["seeds"] == 1).all() and paired["seed_sd"].isna().all() and (paired["steps"] == -1).all()
+    with pytest.raises(InputError, match="case_resampling must be one of"):
+        aggregate.run(paths, tmp_path / "t", {"case_resampling": "nested"})
+
+
+def test_equal_steps_control_is_in_the_assft_table() -> None:
+    rows = []
+    models = [("assft_dkd_asd", "round1+selective", 0.8), ("assft_dkd_asd", "round1+continue", 0.75),
+              ("assft_dkd_asd", "round1", 0.7), ("assft_random", "round1", 0.6)]
+    for method, step, base in models:
+        for seed in (0, 1):
+            for c in range(4):
+                rows.append({"method": method, "step": step, "task": "unseen", "case": f"c{c}", "class": 1,
+                             "metric": "dice", "value": base + 0.01 * c + 0.02 * seed, "flag": "", "seed": seed})
+    steps = {"assft_dkd_asd@round1+selective": 12, "assft_dkd_asd@round1+continue": 12,
+             "assft_dkd_asd@round1": 6, "assft_random@round1": 6}
+    conf = aggregate.SummarySettings(n_boot=200, training_steps=steps)
+    out = aggregate.active_paired_comparisons(aggregate.seed_case_table(pd.DataFrame(rows)), conf).set_index("method")
+    control = out.loc["assft_dkd_asd@round1+continue"]
+    assert control["mean_diff"] == pytest.approx(0.05) and control["compute_matched"]
+    assert control["seed_sd"] == pytest.approx(0.0) and control["seeds_ref"] == control["seeds"] == 2
+    assert not out.loc["assft_random@round1", "compute_matched"]

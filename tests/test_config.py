@@ -55,6 +55,8 @@ def test_every_schema_key_has_type_description_default() -> None:
         (lambda c: c.update(order=["nope"]), "config: order", "names no task"),
         (lambda c: c.update(unseen=["organ_lesion"]), "config: unseen", "also in `order`"),
         (lambda c: c["preprocess"]["split"].update(val=0.5, test=0.5), "config: preprocess.split", "sum < 1"),
+        (lambda c: c.update(seeds=[1, 2]), "config: seeds", "must include `seed` (0), got [1, 2]"),
+        (lambda c: c.update(seeds=[0, 0]), "config: seeds", "has non-unique elements"),
         (lambda c: c["foundation"].update(arch="resnet"), "config: foundation.arch", "is not one of"),
         (lambda c: c["foundation"].update(pool=None), "config: foundation", "set `pool`"),
         (lambda c: c["demo"].update(enabled=False), "config: tasks[0].dataset", "is not an MSD dataset folder"),

@@ -69,6 +69,53 @@ def test_chain_order_in_dag(tmp_path: Path) -> None:
     assert retention and re.search(r"buffers/mds/organ_lesion\.parquet:\S+ results/buffers/mds/paired_organs\.parquet", retention[0])
 
 
+def test_two_training_seeds_and_compute_matched_baselines_dry_run(tmp_path: Path) -> None:
+    """seeds: [0, 1] repeats every training run (seed 1 one level down, in its own chain) and every ASSFT chain;
+    the 2x baselines train twice `train.steps`; the one-seed layout of seed 0 is unchanged."""
+    config = yaml.safe_load(TINY.read_text())
+    config["seeds"] = [0, 1]
+    config["methods"].update(parallel_ft_2x={"enabled": True}, sequential_ft_2x={"enabled": True})
+    work = make_workdir(tmp_path / "w", config)
+    proc = snakemake(work, "-n", "-p")
+    outputs = set(re.findall(r"^\s+output: ([^,\n]+)", proc.stdout, flags=re.M))
+    evals = {o for o in outputs if o.startswith("results/eval/")}
+    methods = ["medseqft", "ablation_no_lora", "parallel_ft", "parallel_ft_2x", "sequential_ft_2x"]
+    expected = {f"results/eval/{m}{level}/{t}/metrics.parquet" for m in methods for level in ("", "/seed1")
+                for t in ("organ_lesion", "paired_organs")}
+    expected |= {f"results/eval/{m}{level}/unseen/metrics.parquet" for m in ("transfer_from_m0", "transfer_from_medseqft")
+                 for level in ("", "/seed1")}
+    expected |= {f"results/eval/multitask_ft{level}/all/metrics.parquet" for level in ("", "/seed1")}
+    assert evals == expected
+    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", proc.stdout.split("Job stats:")[1].split("total")[0], flags=re.M))
+    # per seed: 4 parallel(_2x) + 2 sequential_ft_2x + 2 transfer full-FT jobs; 2 + 2 teachers; 2 multi-task
+    assert {k: int(v) for k, v in jobs.items() if k.startswith(("train_", "evaluate_", "merge"))} == {
+        "train_full_ft": 16, "train_teacher": 8, "train_retention": 4, "train_retention_full": 4, "merge_adapter": 4,
+        "train_multitask": 2, "evaluate_model": 26, "train_round": 8, "train_semisupervised": 2, "train_continue": 2,
+        "evaluate_active_model": 12}
+    cmds = proc.stdout.splitlines()
+    teacher = [c for c in cmds if "--out results/runs/medseqft/seed1/paired_organs/teacher " in c]
+    # seed 1's chain: M_1 of seed 1, trained under seed 1
+    assert teacher and "--init results/runs/medseqft/seed1/organ_lesion " in teacher[0] and '"seed":1' in teacher[0]
+    doubled = [c for c in cmds if "--out results/runs/sequential_ft_2x/paired_organs " in c]
+    assert doubled and "--init results/runs/sequential_ft_2x/organ_lesion " in doubled[0] and '"steps":12' in doubled[0]
+    assert '"steps":6' in next(c for c in cmds if "--out results/runs/parallel_ft/organ_lesion " in c)
+    seed1_eval = next(c for c in cmds if "--out results/eval/medseqft/seed1/organ_lesion " in c)
+    assert "--method medseqft " in seed1_eval and '"seed":1' in seed1_eval
+    assert {f"results/active/unseen/{q}/seed{s}/round1/query.parquet" for q in ("dkd_asd", "random") for s in (0, 1)} <= outputs
+    aggregate = next(c for c in cmds if "python -m stages.aggregate" in c)
+    assert '"parallel_ft_2x":12' in aggregate and '"medseqft":12' in aggregate and '"parallel_ft":6' in aggregate
+    assert '"assft_dkd_asd@round1+continue":12' in aggregate and '"assft_dkd_asd@round1":6' in aggregate
+
+
+def test_one_training_seed_keeps_the_layout(tmp_path: Path) -> None:
+    """No `seeds`: one run per method, in results/runs/{method}/{step}; the ASSFT control is in the DAG."""
+    outputs = dry_run_outputs(make_workdir(tmp_path / "w"))
+    assert not [o for o in outputs if "/seed1" in o or "results/runs/medseqft/seed0" in o]
+    assert "results/runs/medseqft/paired_organs/model.safetensors" in " ".join(outputs)
+    assert any("dkd_asd/seed0/round1/model_continue/model.safetensors" in o for o in outputs)
+    assert not any("random/seed0/round1/model_continue" in o for o in outputs)
+
+
 @pytest.fixture(scope="module")
 def run(tiny_run: Path) -> Path:
     return tiny_run
@@ -85,6 +132,19 @@ def test_tiny_dag_produces_metrics_for_every_method_and_task(run: Path) -> None:
     assert dice["value"].between(0, 1).all()
     assert {"hd95", "nsd"} <= set(metrics["metric"])
     assert (run / "results" / "summary" / "summary.md").read_text().startswith("# segadapt summary")
+
+
+def test_tiny_dag_compares_assft_with_its_equal_steps_control(run: Path) -> None:
+    paired = pd.read_parquet(run / "results" / "summary" / "paired.parquet")
+    active = paired[paired["reference"] == "assft_dkd_asd@round1+selective"].set_index(["method", "metric"])
+    control = active.loc[("assft_dkd_asd@round1+continue", "dice")]
+    assert control["compute_matched"] and control["steps"] == control["steps_ref"] == 12
+    assert not active.loc[("assft_random@round1", "dice"), "compute_matched"]
+    kg = paired[(paired["reference"] == "medseqft") & (paired["method"] == "parallel_ft")]
+    assert not kg["compute_matched"].any() and (kg["steps_ref"] == 12).all() and (kg["steps"] == 6).all()
+    assert (paired["seeds"] == 1).all()
+    md = (run / "results" / "summary" / "summary.md").read_text()
+    assert "## Paired comparison: assft_dkd_asd@round1+selective − each method" in md
 
 
 def test_tiny_dag_produces_the_analyses(run: Path) -> None:

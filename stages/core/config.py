@@ -87,6 +87,9 @@ def validate_config(
     both = sorted(set(config["order"]) & set(config["unseen"]))
     if both:
         raise InputError(f"{source}: unseen", f"tasks {both} are also in `order`; an unseen task must be held back")
+    if config["seeds"] is not None and config["seed"] not in config["seeds"]:
+        # the run of `seed` keeps the one-seed layout and stands for its method in logs, overlays, analyses
+        raise InputError(f"{source}: seeds", f"must include `seed` ({config['seed']}), got {config['seeds']}")
     split = config["preprocess"]["split"]
     if split["val"] + split["test"] >= 1:
         raise InputError(f"{source}: preprocess.split", "val + test must leave cases for training (sum < 1)")

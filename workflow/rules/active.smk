@@ -1,6 +1,8 @@
 # ASSFT: per strategy and seed, query rounds on the target task's unlabelled pool (its train split),
 # annotation (oracle or inbox), fine-tuning on the labelled set, and after the last round selective
-# semi-supervised fine-tuning. Every model is evaluated on the target's test split (budget curves).
+# semi-supervised fine-tuning, beside its equal-steps control (the same continuation on the labelled
+# cases only). Every model is evaluated on the target's test split (budget curves). A chain's seed
+# seeds its queries and its training.
 
 
 rule query_round:
@@ -91,7 +93,7 @@ rule train_round:
         data=input_dir("manifest"),
         out=output_dir("model"),
         work=f"{RESULTS}/work/active/{{query}}/seed{{seed}}/round{{round}}",
-        settings=train_settings(),
+        settings=get_chain_train_settings,
     shell:
         "python -m stages.train --recipe finetune --threads {threads} --init {params.init:q} --data {params.data:q}"
         " --task {params.task} --out {params.out:q} --work {params.work:q}"
@@ -157,10 +159,43 @@ rule train_semisupervised:
         pseudo=input_dir("pseudo"),
         out=output_dir("model"),
         work=f"{RESULTS}/work/active/{{query}}/seed{{seed}}/round{{round}}_{{semi}}",
-        settings=semi_settings(),
+        settings=get_semi_settings,
     shell:
         "python -m stages.train --recipe semisupervised --threads {threads} --init {params.init:q} --data {params.data:q}"
         " --pseudo {params.pseudo:q} --task {params.task} --out {params.out:q} --work {params.work:q}"
+        " --settings {params.settings:q} > {log} 2>&1"
+
+
+rule train_continue:
+    input:
+        init=f"{ACTIVE}/{{query}}/seed{{seed}}/round{{round}}/model_l/model.safetensors",
+        manifest=f"{ACTIVE}/{{query}}/seed{{seed}}/round{{round}}/labelled/manifest.parquet",
+    output:
+        model=f"{ACTIVE}/{{query}}/seed{{seed}}/round{{round}}/model_continue/model.safetensors",
+        spec=f"{ACTIVE}/{{query}}/seed{{seed}}/round{{round}}/model_continue/model.json",
+        log_table=f"{ACTIVE}/{{query}}/seed{{seed}}/round{{round}}/model_continue/train_log.parquet",
+    log:
+        "logs/train_continue/{query}/seed{seed}/round{round}.log",
+    benchmark:
+        "benchmarks/train_continue/{query}/seed{seed}/round{round}.tsv"
+    conda:
+        "../../envs/segadapt.yaml"
+    threads: 1
+    resources:
+        mem_mb=memory_mb(8000),
+        runtime=240,
+        gpu=gpu_resource(),
+    params:
+        code=code_hash("train"),
+        task=TARGET,
+        init=input_dir("init"),
+        data=input_dir("manifest"),
+        out=output_dir("model"),
+        work=f"{RESULTS}/work/active/{{query}}/seed{{seed}}/round{{round}}_continue",
+        settings=get_chain_train_settings,
+    shell:
+        "python -m stages.train --recipe finetune --init {params.init:q} --data {params.data:q}"
+        " --task {params.task} --out {params.out:q} --work {params.work:q}"
         " --settings {params.settings:q} > {log} 2>&1"
 
 

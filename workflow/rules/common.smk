@@ -33,8 +33,16 @@ KGRFT = {
     "ablation_no_lora": {"buffer": "mds", "lora": False},
 }
 KGRFT = {m: spec for m, spec in KGRFT.items() if m in ENABLED}
-SEQUENTIAL = [m for m in ("sequential_ft",) if m in ENABLED] + list(KGRFT)
-PARALLEL = [m for m in ("parallel_ft", "parallel_lora") if m in ENABLED]
+# Compute-matched full-FT baselines: K&G RFT trains a teacher and then a student, each `train.steps`
+# optimiser steps, so these run full fine-tuning for STEP_FACTOR x `train.steps` (methods.md §1, fair
+# comparison); the summary marks which paired comparisons have equal training steps.
+STEP_FACTOR = {"sequential_ft_2x": 2, "parallel_ft_2x": 2}
+SEQUENTIAL = [m for m in ("sequential_ft", "sequential_ft_2x") if m in ENABLED] + list(
+    KGRFT
+)
+PARALLEL = [
+    m for m in ("parallel_ft", "parallel_ft_2x", "parallel_lora") if m in ENABLED
+]
 MULTITASK = [m for m in ("multitask_ft",) if m in ENABLED]
 TRANSFER = []
 if config["transfer"]["enabled"] and UNSEEN:
@@ -42,7 +50,11 @@ if config["transfer"]["enabled"] and UNSEEN:
         ["transfer_from_medseqft"] if "medseqft" in KGRFT else []
     )
 # methods whose every step is one full fine-tuning job (train_full_ft)
-FULL_FT = [m for m in ("sequential_ft", "parallel_ft") if m in ENABLED] + TRANSFER
+FULL_FT = [
+    m
+    for m in ("sequential_ft", "sequential_ft_2x", "parallel_ft", "parallel_ft_2x")
+    if m in ENABLED
+] + TRANSFER
 # methods whose step ends with a LoRA adapter merged into its base (train_retention + merge_adapter)
 LORA = [m for m, spec in KGRFT.items() if spec["lora"]] + [
     m for m in ("parallel_lora",) if m in ENABLED
@@ -51,21 +63,54 @@ BUFFER_STRATEGIES = sorted(
     {spec["buffer"] for spec in KGRFT.values() if spec["buffer"]}
 )
 
-# ASSFT (methods.md §2): one chain of query rounds per strategy and seed on the target task
-# (the random strategies, plain and foreground-aware, once per `assft.random_seeds`);
+# Training seeds (config `seeds`; none = the one `seed`): every training run of every method is repeated
+# per seed. A run of `seed` keeps the one-seed layout runs/{method}/{step}; another seed s is the run
+# `{method}/seed{s}` (runs/{method}/seed{s}/{step}, and likewise under eval/, work/, logs/), so the
+# rules' {method} wildcard names a run and split_run() gives back the method and its seed.
+BASE_SEED = config["seed"]
+SEEDS = list(config["seeds"] or [BASE_SEED])
+
+
+def run_name(method, seed=None):
+    """The run of ``method`` under training seed ``seed`` (None = the base seed): its path level(s)."""
+    seed = BASE_SEED if seed is None else int(seed)
+    return method if seed == BASE_SEED else f"{method}/seed{seed}"
+
+
+def split_run(run):
+    """(method, training seed) of a run name (see run_name)."""
+    method, sep, level = run.partition("/")
+    return method, int(level[len("seed") :]) if sep else BASE_SEED
+
+
+def runs_of(methods):
+    """Every run (method x training seed) of these methods."""
+    return [run_name(m, s) for m in methods for s in SEEDS]
+
+
+# ASSFT (methods.md §2): one chain of query rounds per strategy and seed on the target task;
 # semi-supervised variants after the last round for the ASSFT strategy itself (dkd_asd).
 ASSFT = config["assft"]
 TARGET = ASSFT["target"] or (UNSEEN[0] if UNSEEN else None)
 ASSFT_ON = "assft" in ENABLED and TARGET is not None
 ACTIVE = f"{RESULTS}/active/{TARGET}"
+# a chain's seed seeds its queries and its training: every strategy runs under the training seeds, the
+# random ones (plain and foreground-aware) also under their query seeds
 RANDOM_QUERIES = ("random", "fg_random")
 ACTIVE_RUNS = [
     (q, seed)
     for q in ASSFT["strategies"]
-    for seed in (ASSFT["random_seeds"] if q in RANDOM_QUERIES else [config["seed"]])
+    for seed in (
+        sorted(set(ASSFT["random_seeds"]) | set(SEEDS))
+        if q in RANDOM_QUERIES
+        else SEEDS
+    )
 ]
 LAST_ROUND = ASSFT["rounds"] - 1
 SEMI = [m for m in ASSFT["semi"] if m != "none"]
+# the equal-steps control of the semi-supervised models: the round model fine-tuned as long again on
+# the labelled cases only (model_continue, evaluated as round<r>+continue)
+CONTROL = ["continue"] if ASSFT["equal_steps_control"] and SEMI else []
 
 
 def shell_args(*args):
@@ -100,8 +145,8 @@ def data_dir(task):
     return f"{RESULTS}/data/{task}"
 
 
-def model_dir(method, step):
-    return f"{RESULTS}/runs/{method}/{step}"
+def model_dir(method, step, seed=None):
+    return f"{RESULTS}/runs/{run_name(method, seed)}/{step}"
 
 
 def as_list(files):
@@ -178,23 +223,24 @@ def get_import_pool_arg(wildcards, input):
     return shell_args("--pool", Path(pool[0]).parent) if pool else ""
 
 
-def previous_model(method, step):
-    """M_{t-1} of a sequential method (M0 before the first task)."""
+def previous_model(method, step, seed=None):
+    """M_{t-1} of a sequential method (M0 before the first task), in the same seed's chain."""
     i = ORDER.index(step)
-    return FOUNDATION if i == 0 else model_dir(method, ORDER[i - 1])
+    return FOUNDATION if i == 0 else model_dir(method, ORDER[i - 1], seed)
 
 
-def start_model(method, step):
-    """The model a step's training starts from."""
+def start_model(method, step, seed=None):
+    """The model a step's training starts from (a run of ``seed`` starts from that seed's models)."""
     if method in SEQUENTIAL:
-        return previous_model(method, step)
+        return previous_model(method, step, seed)
     if method == "transfer_from_medseqft":
-        return model_dir("medseqft", ORDER[-1])
+        return model_dir("medseqft", ORDER[-1], seed)
     return FOUNDATION  # parallel, multi-task, transfer from M0
 
 
 def get_start_model_file(wildcards):
-    return f"{start_model(wildcards.method, wildcards.step)}/model.safetensors"
+    method, seed = split_run(wildcards.method)
+    return f"{start_model(method, wildcards.step, seed)}/model.safetensors"
 
 
 def get_step_manifest(wildcards):
@@ -213,13 +259,13 @@ def buffer_tables(method, step):
 
 
 def get_buffer_tables(wildcards):
-    return buffer_tables(wildcards.method, wildcards.step)
+    return buffer_tables(split_run(wildcards.method)[0], wildcards.step)
 
 
 def get_buffer_manifests(wildcards):
     return [
         f"{data_dir(Path(t).stem)}/manifest.parquet"
-        for t in buffer_tables(wildcards.method, wildcards.step)
+        for t in buffer_tables(split_run(wildcards.method)[0], wildcards.step)
     ]
 
 
@@ -233,7 +279,7 @@ def get_buffer_args(wildcards, input):
     )
 
 
-def reused_teacher(method, step):
+def reused_teacher(method, step, seed=None):
     """Parallel FT's model of the first task when it stands in for this K&G RFT method's teacher there.
 
     With medseqft.reuse_parallel_teacher, the first step's teacher (full FT of M0 on the first task with
@@ -245,14 +291,15 @@ def reused_teacher(method, step):
         and "parallel_ft" in PARALLEL
         and ORDER.index(step) == 0
     ):
-        return model_dir("parallel_ft", step)
+        return model_dir("parallel_ft", step, seed)
     return None
 
 
 def get_teacher_file(wildcards):
-    if wildcards.method in KGRFT:
-        reused = reused_teacher(wildcards.method, wildcards.step)
-        folder = reused or f"{model_dir(wildcards.method, wildcards.step)}/teacher"
+    method, seed = split_run(wildcards.method)
+    if method in KGRFT:
+        reused = reused_teacher(method, wildcards.step, seed)
+        folder = reused or f"{model_dir(method, wildcards.step, seed)}/teacher"
         return f"{folder}/model.safetensors"
     return []
 
@@ -274,12 +321,21 @@ def eval_tasks(method, step):
 def get_eval_manifests(wildcards):
     return [
         f"{data_dir(t)}/manifest.parquet"
-        for t in eval_tasks(wildcards.method, wildcards.step)
+        for t in eval_tasks(split_run(wildcards.method)[0], wildcards.step)
     ]
 
 
 def get_eval_task_names(wildcards):
-    return " ".join(eval_tasks(wildcards.method, wildcards.step))
+    return " ".join(eval_tasks(split_run(wildcards.method)[0], wildcards.step))
+
+
+def get_eval_method(wildcards):
+    """The method name an evaluation records (its training seed goes in the metrics' seed column)."""
+    return split_run(wildcards.method)[0]
+
+
+def get_eval_settings(wildcards):
+    return evaluate_settings(split_run(wildcards.method)[1])
 
 
 def active_dir(wildcards):
@@ -373,8 +429,8 @@ def get_pseudo_settings(wildcards):
     )
 
 
-def semi_settings():
-    return settings({**train_dict(), "pseudo_weight": ASSFT["pseudo_weight"]})
+def semi_settings(seed=None):
+    return settings({**train_dict(seed), "pseudo_weight": ASSFT["pseudo_weight"]})
 
 
 def get_active_eval_step(wildcards):
@@ -385,7 +441,16 @@ def get_active_eval_step(wildcards):
 
 
 def get_active_eval_settings(wildcards):
-    return settings({**json.loads(evaluate_settings()), "seed": int(wildcards.seed)})
+    return evaluate_settings(int(wildcards.seed))
+
+
+def get_chain_train_settings(wildcards):
+    """A chain's fine-tuning (rounds and the equal-steps control) trains under the chain's seed."""
+    return train_settings(int(wildcards.seed))
+
+
+def get_semi_settings(wildcards):
+    return semi_settings(int(wildcards.seed))
 
 
 def active_eval_tables():
@@ -400,7 +465,7 @@ def active_eval_tables():
         f"{ACTIVE}/{q}/seed{s}/round{LAST_ROUND}/eval_model_{m}/metrics.parquet"
         for q, s in ACTIVE_RUNS
         if q == "dkd_asd"
-        for m in SEMI
+        for m in SEMI + CONTROL
     ]
     return tables
 
@@ -464,42 +529,50 @@ def train_threads():
     return config["train"]["threads"]
 
 
-def train_dict():
+def train_dict(seed=None):
     return {
         **{k: v for k, v in config["train"].items() if k != "threads"},
         "overlap": config["inference"]["overlap"],
-        "seed": config["seed"],
+        "seed": BASE_SEED if seed is None else int(seed),
         "device": config["device"],
     }
 
 
-def train_settings():
-    return settings(train_dict())
+def train_settings(seed=None, steps_factor=1):
+    s = train_dict(seed)
+    if steps_factor != 1:
+        s["steps"] = steps_factor * s["steps"]
+    return settings(s)
+
+
+def get_train_settings(wildcards):
+    """A training run's settings: its seed, and the step count of a compute-matched baseline."""
+    method, seed = split_run(wildcards.method)
+    return train_settings(seed, STEP_FACTOR.get(method, 1))
 
 
 def get_retention_settings(wildcards):
     m = config["medseqft"]
+    method, seed = split_run(wildcards.method)
     s = {
-        **train_dict(),
+        **train_dict(seed),
         "lora": {
             **m["lora"],
-            "enabled": KGRFT.get(wildcards.method, {}).get("lora", True),
+            "enabled": KGRFT.get(method, {}).get("lora", True),
         },
         "kd_kind": m["kd_kind"],
         "kd_temperature": m["kd_temperature"],
-        "kd_weight": m["kd_weight"] if wildcards.method in KGRFT else 0.0,
+        "kd_weight": m["kd_weight"] if method in KGRFT else 0.0,
         "kd_mask": m["kd_mask"],
         "kd_dilation": m["kd_dilation"],
         "kd_background_share": m["kd_background_share"],
         "retention_weight": (
-            m["retention_weight"]
-            if buffer_tables(wildcards.method, wildcards.step)
-            else 0.0
+            m["retention_weight"] if buffer_tables(method, wildcards.step) else 0.0
         ),
         "retention_levels": m["retention_levels"],
         "retention_scale": m["retention_scale"],
         "lwf_weight": (
-            m["lwf_weight"] if buffer_tables(wildcards.method, wildcards.step) else 0.0
+            m["lwf_weight"] if buffer_tables(method, wildcards.step) else 0.0
         ),
         "grad_log_every": m["grad_log_every"],
         "buffer_batch_size": m["buffer_batch_size"],
@@ -523,13 +596,14 @@ def get_buffer_settings(wildcards):
     return buffer_settings(wildcards.selection)
 
 
-def evaluate_settings():
+def evaluate_settings(seed=None):
+    """Evaluation settings; ``seed`` is the training seed of the evaluated run (the metrics' seed column)."""
     return settings(
         {
             **config["inference"],
             **config["evaluate"],
             "patch_size": config["train"]["patch_size"],
-            "seed": config["seed"],
+            "seed": BASE_SEED if seed is None else int(seed),
             "device": config["device"],
         }
     )
@@ -558,7 +632,11 @@ def evaluated_models():
 
 
 def get_metrics_tables(wildcards=None):
-    tables = [f"{RESULTS}/eval/{m}/{s}/metrics.parquet" for m, s in evaluated_models()]
+    tables = [
+        f"{RESULTS}/eval/{run_name(m, seed)}/{s}/metrics.parquet"
+        for m, s in evaluated_models()
+        for seed in SEEDS
+    ]
     return tables + active_eval_tables()
 
 
@@ -578,6 +656,21 @@ SUMMARY = f"{RESULTS}/summary"
 PLOTS = f"{SUMMARY}/plots"
 
 
+def training_steps():
+    """Optimiser steps of the jobs that made each compared model from its start model, by method (and by
+    ``assft_<strategy>@<step>`` for the active-learning models): the summary marks compute-matched pairs.
+    """
+    n = config["train"]["steps"]
+    steps = {m: STEP_FACTOR.get(m, 1) * n for m in FULL_FT + PARALLEL + MULTITASK}
+    steps.update({m: 2 * n for m in KGRFT})  # teacher + student
+    if ASSFT_ON:
+        for q, _ in ACTIVE_RUNS:
+            steps[f"assft_{q}@round{LAST_ROUND}"] = n
+            extra = SEMI + CONTROL if q == "dkd_asd" else []
+            steps.update({f"assft_{q}@round{LAST_ROUND}+{k}": 2 * n for k in extra})
+    return dict(sorted(steps.items()))
+
+
 def summary_settings():
     s = config["summary"]
     return settings(
@@ -585,9 +678,11 @@ def summary_settings():
             "reference": s["reference"],
             "n_boot": s["n_boot"],
             "ci": s["ci"],
+            "case_resampling": s["case_resampling"],
             "seed": config["seed"],
             "order": ORDER,
             "labels_per_round": ASSFT["budget"] if ASSFT_ON else 0,
+            "training_steps": training_steps(),
         }
     )
 

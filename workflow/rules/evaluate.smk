@@ -1,5 +1,6 @@
 # Evaluation of every trained model on the test split of each task it carries a head for
-# (predictions in original geometry + Dice/HD95/NSD); the summary is in report.smk.
+# (predictions in original geometry + Dice/HD95/NSD); the summary is in report.smk. A run of another
+# training seed (method wildcard `{method}/seed{s}`) records its method name and its seed in the metrics.
 
 
 rule evaluate_model:
@@ -25,8 +26,9 @@ rule evaluate_model:
         tasks=get_eval_task_names,
         data=input_dirs("manifests"),
         out=output_dir("metrics"),
-        settings=evaluate_settings(),
+        method=get_eval_method,
+        settings=get_eval_settings,
     shell:
         "python -m stages.evaluate --model {params.model:q} --task {params.tasks} --data {params.data}"
-        " --out {params.out:q} --method {wildcards.method} --step {wildcards.step}"
+        " --out {params.out:q} --method {params.method} --step {wildcards.step}"
         " --settings {params.settings:q} > {log} 2>&1"

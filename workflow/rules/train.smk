@@ -16,7 +16,7 @@ rule train_full_ft:
     benchmark:
         "benchmarks/train/{method}/{step}.tsv"
     wildcard_constraints:
-        method=alternatives(FULL_FT),
+        method=alternatives(runs_of(FULL_FT)),
     conda:
         "../../envs/segadapt.yaml"
     threads: train_threads()
@@ -30,7 +30,7 @@ rule train_full_ft:
         data=input_dir("manifest"),
         out=output_dir("model"),
         work=f"{RESULTS}/work/{{method}}/{{step}}",
-        settings=train_settings(),
+        settings=get_train_settings,
     shell:
         "python -m stages.train --recipe finetune --threads {threads} --init {params.init:q} --data {params.data:q}"
         " --task {wildcards.step} --out {params.out:q} --work {params.work:q}"
@@ -50,7 +50,7 @@ rule train_teacher:
     benchmark:
         "benchmarks/train/{method}/{step}_teacher.tsv"
     wildcard_constraints:
-        method=alternatives(list(KGRFT)),
+        method=alternatives(runs_of(list(KGRFT))),
     conda:
         "../../envs/segadapt.yaml"
     threads: train_threads()
@@ -64,7 +64,7 @@ rule train_teacher:
         data=input_dir("manifest"),
         out=output_dir("model"),
         work=f"{RESULTS}/work/{{method}}/{{step}}/teacher",
-        settings=train_settings(),
+        settings=get_train_settings,
     shell:
         "python -m stages.train --recipe finetune --threads {threads} --init {params.init:q} --data {params.data:q}"
         " --task {wildcards.step} --out {params.out:q} --work {params.work:q}"
@@ -88,7 +88,7 @@ rule train_retention:
     benchmark:
         "benchmarks/train/{method}/{step}_retention.tsv"
     wildcard_constraints:
-        method=alternatives(LORA),
+        method=alternatives(runs_of(LORA)),
     conda:
         "../../envs/segadapt.yaml"
     threads: train_threads()
@@ -127,7 +127,9 @@ rule train_retention_full:
     benchmark:
         "benchmarks/train/{method}/{step}_retention.tsv"
     wildcard_constraints:
-        method=alternatives([m for m, spec in KGRFT.items() if not spec["lora"]]),
+        method=alternatives(
+            runs_of([m for m, spec in KGRFT.items() if not spec["lora"]])
+        ),
     conda:
         "../../envs/segadapt.yaml"
     threads: train_threads()
@@ -162,7 +164,7 @@ rule merge_adapter:
     benchmark:
         "benchmarks/merge/{method}/{step}.tsv"
     wildcard_constraints:
-        method=alternatives(LORA),
+        method=alternatives(runs_of(LORA)),
     conda:
         "../../envs/segadapt.yaml"
     resources:
@@ -190,7 +192,7 @@ rule train_multitask:
     benchmark:
         "benchmarks/train/{method}/all.tsv"
     wildcard_constraints:
-        method=alternatives(MULTITASK),
+        method=alternatives(runs_of(MULTITASK)),
     conda:
         "../../envs/segadapt.yaml"
     threads: train_threads()
@@ -205,7 +207,7 @@ rule train_multitask:
         tasks=" ".join(ORDER),
         out=output_dir("model"),
         work=f"{RESULTS}/work/{{method}}/all",
-        settings=train_settings(),
+        settings=get_train_settings,
     shell:
         "python -m stages.train --recipe multitask --threads {threads} --init {params.init:q} --data {params.data}"
         " --task {params.tasks} --out {params.out:q} --work {params.work:q}"
