@@ -192,6 +192,23 @@ RETENTION_LEVELS: dict[str, list[str]] = {
 }
 
 
+def retention_levels(model: torch.nn.Module) -> list[str]:
+    """The encoder levels whose outputs the retention term keeps close to M_{t-1}'s (above the deepest map).
+
+    MONAI's strided UNet nests its levels (``model.0`` down-samples, ``model.1.submodule`` is the next
+    level), so its level names depend on its depth: each level's down-sampling block, shallowest first.
+    """
+    if model.arch != "unet":
+        return list(RETENTION_LEVELS.get(model.arch, []))
+    from stages.core.nets import _is_unet_level
+
+    names, block, prefix = [], model.backbone.model, "backbone.model"
+    while _is_unet_level(block):
+        names.append(f"{prefix}.0")
+        block, prefix = block[1].submodule, f"{prefix}.1.submodule"
+    return names
+
+
 class _FeatureTap:
     """Forward hooks collecting the outputs of named modules of ``net`` (a PEFT wrapper or not), in order."""
 
@@ -296,7 +313,7 @@ def recipe_retention(job: Job) -> Plan:
     trainable, total = count_trainable(net) if use_lora else (sum(p.numel() for p in flat), sum(p.numel() for p in net.parameters()))
     log.info("retention stage: %d of %d parameters trainable (LoRA %s, LoRA lr %.2g, other lr %.2g)", trainable, total,
              "on" if use_lora else "off", lora_lr if use_lora else lr, lr)
-    levels = RETENTION_LEVELS.get(model.arch, []) if s["retention_levels"] == "all" else []
+    levels = retention_levels(model) if s["retention_levels"] == "all" else []
     student_tap = _FeatureTap(net, levels)
     frozen_tap = _FeatureTap(frozen, levels) if frozen is not None else None
     grad_every = int(s["grad_log_every"])

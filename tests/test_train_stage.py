@@ -279,3 +279,23 @@ def test_output_level_retention_of_earlier_heads(world: dict[str, Path], tmp_pat
         for head in ("organ_lesion", "paired_organs"):
             diff = (merged.segment(x, head) - peft_model.segment(x, head)).abs().max().item()
             assert diff < 1e-5, head
+
+
+def test_retention_levels_of_the_strided_unet_are_its_encoder_levels() -> None:
+    """The default backbone's retention term sees every encoder level, not only the deepest map."""
+    from stages.core.lora import add_lora
+    from stages.core.nets import FoundationNet
+    from stages.train import _FeatureTap, retention_levels
+
+    channels, strides = [4, 8, 16, 32], [2, 2, 2]
+    model = FoundationNet("unet", arch_kwargs={"channels": channels, "strides": strides}, ssl={},
+                          heads={"t": 2}, seed=0).eval()
+    names = retention_levels(model)
+    assert names == ["backbone.model.0", "backbone.model.1.submodule.0", "backbone.model.1.submodule.1.submodule.0"]
+    net = add_lora(model, rank=2, alpha=2)  # the names are found through PEFT's wrapper too
+    tap = _FeatureTap(net, names)
+    assert tap.names == names
+    with torch.no_grad():
+        model.forward_features(torch.zeros(1, 1, 16, 16, 16))
+    shapes = [tuple(t.shape) for t in tap.collect()]
+    assert shapes == [(1, 4, 8, 8, 8), (1, 8, 4, 4, 4), (1, 16, 2, 2, 2)]
