@@ -87,11 +87,13 @@ def test_two_training_seeds_and_compute_matched_baselines_dry_run(tmp_path: Path
     expected |= {f"results/eval/multitask_ft{level}/all/metrics.parquet" for level in ("", "/seed1")}
     assert evals == expected
     jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", proc.stdout.split("Job stats:")[1].split("total")[0], flags=re.M))
-    # per seed: 4 parallel(_2x) + 2 sequential_ft_2x + 2 transfer full-FT jobs; 2 + 2 teachers; 2 multi-task
+    # per seed: 4 parallel(_2x) + 2 sequential_ft_2x + 2 transfer full-FT jobs; 2 + 2 teachers; 2 multi-task;
+    # ASSFT: 3 strategies (dkd_asd, random, fg_random) x 2 rounds, each round model evaluated, plus DKD+ASD's
+    # semi-supervised model and its equal-steps control
     assert {k: int(v) for k, v in jobs.items() if k.startswith(("train_", "evaluate_", "merge"))} == {
         "train_full_ft": 16, "train_teacher": 8, "train_retention": 4, "train_retention_full": 4, "merge_adapter": 4,
-        "train_multitask": 2, "evaluate_model": 26, "train_round": 8, "train_semisupervised": 2, "train_continue": 2,
-        "evaluate_active_model": 12}
+        "train_multitask": 2, "evaluate_model": 26, "train_round": 12, "train_semisupervised": 2, "train_continue": 2,
+        "evaluate_active_model": 16}
     cmds = proc.stdout.splitlines()
     teacher = [c for c in cmds if "--out results/runs/medseqft/seed1/paired_organs/teacher " in c]
     # seed 1's chain: M_1 of seed 1, trained under seed 1
@@ -101,7 +103,7 @@ def test_two_training_seeds_and_compute_matched_baselines_dry_run(tmp_path: Path
     assert '"steps":6' in next(c for c in cmds if "--out results/runs/parallel_ft/organ_lesion " in c)
     seed1_eval = next(c for c in cmds if "--out results/eval/medseqft/seed1/organ_lesion " in c)
     assert "--method medseqft " in seed1_eval and '"seed":1' in seed1_eval
-    assert {f"results/active/unseen/{q}/seed{s}/round1/query.parquet" for q in ("dkd_asd", "random") for s in (0, 1)} <= outputs
+    assert {f"results/active/unseen/{q}/seed{s}/round1/query.parquet" for q in ("dkd_asd", "random", "fg_random") for s in (0, 1)} <= outputs
     aggregate = next(c for c in cmds if "python -m stages.aggregate" in c)
     assert '"parallel_ft_2x":12' in aggregate and '"medseqft":12' in aggregate and '"parallel_ft":6' in aggregate
     assert '"assft_dkd_asd@round1+continue":12' in aggregate and '"assft_dkd_asd@round1":6' in aggregate
