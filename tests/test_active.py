@@ -292,7 +292,7 @@ def test_build_folder_swaps_in_whole_and_keeps_old_on_failure(tmp_path: Path) ->
 
 
 def test_otsu_threshold_matches_scikit_image() -> None:
-    # reference values from skimage.filters.threshold_otsu 0.25 on the same seeded arrays
+    # reference values from skimage.filters.threshold_otsu (scikit-image 0.26.0) on the same seeded arrays
     rng = np.random.default_rng(0)
     bimodal = np.concatenate([rng.normal(0.2, 0.05, 3000), rng.normal(0.7, 0.1, 1000)]).clip(0, 1)
     skewed = rng.random((8, 9, 10)) ** 3
