@@ -61,7 +61,15 @@ from stages.core.geometry import (
 )
 from stages.core.io import build_folder, make_provenance, save_npy, sha256_file, write_parquet
 from stages.core.log import stage_log
-from stages.core.msd import Dataset, ValidatedCase, dataset_labels, load_nifti_3d, read_dataset, validate_dataset
+from stages.core.msd import (
+    Dataset,
+    ValidatedCase,
+    dataset_labels,
+    load_nifti_3d,
+    mm_text,
+    read_dataset,
+    validate_dataset,
+)
 from stages.core.split import split_cases
 
 __all__ = ["DEFAULT_SETTINGS", "MANIFEST_SCHEMA", "held_out_cases", "resolve_settings", "split_cases", "run", "main"]
@@ -309,12 +317,8 @@ class _BackgroundWriter:
             sys.setswitchinterval(self._switch_interval)
 
 
-def _mm(spacing: Sequence[float]) -> str:
-    return "x".join(f"{float(v):.4g}" for v in spacing)
-
-
 def _shape_text(case: ValidatedCase) -> str:
-    return f"{'x'.join(str(s) for s in case.shape)} voxels at {_mm(canonical_spacing(case.affine))} mm"
+    return f"{'x'.join(str(s) for s in case.shape)} voxels at {mm_text(canonical_spacing(case.affine))} mm"
 
 
 def _check_sizes(
@@ -326,7 +330,7 @@ def _check_sizes(
         math.prod(c.shape) * math.prod(sp) / math.prod(target) for c, sp in zip(cases, spacings, strict=True)
     ]
     too_big = [
-        f"  {c.image}: {_shape_text(c)} would become ~{n / 1e6:.0f} M voxels at {_mm(target)} mm "
+        f"  {c.image}: {_shape_text(c)} would become ~{n / 1e6:.0f} M voxels at {mm_text(target)} mm "
         f"(limit {max_voxels / 1e6:.0f} M)"
         for c, n in zip(cases, resampled, strict=True) if n > max_voxels
     ]
@@ -339,7 +343,7 @@ def _check_sizes(
         ratio = float(np.max(np.maximum(np.asarray(sp) / median_sp, median_sp / np.asarray(sp))))
         if n > OUTLIER_FACTOR * median_size or ratio > OUTLIER_FACTOR:
             print(f"warning: {c.image}: {_shape_text(c)}, {ratio:.1f}x the dataset's median spacing "
-                  f"{_mm(median_sp)} mm, {n / median_size:.1f}x its median resampled size: check its header",
+                  f"{mm_text(median_sp)} mm, {n / median_size:.1f}x its median resampled size: check its header",
                   file=sys.stderr)
 
 
@@ -478,7 +482,7 @@ def run(dataset: Path, out: Path, settings: Mapping[str, Any]) -> None:
                         _preprocess_one(case, writer, folder, split, target, norm, ct_stats, label_map, num_classes)
                     )
                 except MemoryError as err:
-                    raise InputError(case.image, f"ran out of memory resampling it to {_mm(target)} mm "
+                    raise InputError(case.image, f"ran out of memory resampling it to {mm_text(target)} mm "
                                                  f"({_shape_text(case)}): {err}") from None
         for row in rows:  # every write has finished: the futures hold the files' digests
             for key in ("array_sha256", "seg_sha256"):

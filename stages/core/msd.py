@@ -584,7 +584,7 @@ def _image_problems(
         problems += _intensity_problems(where, img, data)
     spacing = np.sqrt((np.asarray(img.affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
     if np.all(np.isfinite(spacing)) and (spacing.min() < MIN_SPACING_MM or spacing.max() > MAX_SPACING_MM):
-        problems.append((where, f"implausible voxel spacing {_mm(spacing)} mm in the header (expected "
+        problems.append((where, f"implausible voxel spacing {mm_text(spacing)} mm in the header (expected "
                                 f"{MIN_SPACING_MM:g} to {MAX_SPACING_MM:g} mm per axis): check its affine / pixdim"))
     # without scl_slope/scl_inter nibabel's scaled read returns the stored array itself
     if img.dataobj.slope == 1 and img.dataobj.inter == 0:
@@ -597,7 +597,8 @@ MIN_SPACING_MM, MAX_SPACING_MM = 1e-3, 100.0
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def _mm(spacing: Any) -> str:
+def mm_text(spacing: Any) -> str:
+    """``1x1x2.5``: a spacing (mm) as messages show it."""
     return "x".join(f"{float(v):.4g}" for v in spacing)
 
 
