@@ -34,6 +34,7 @@ from stages.core.errors import InputError
 from stages.core.io import sha256_file
 
 __all__ = [
+    "mm_text",
     "Case",
     "Dataset",
     "ValidatedCase",
