@@ -64,8 +64,8 @@ _KNOWN_SETTINGS = {
     "preprocessing",
 }
 # The backbone's output conv, which FoundationNet replaces by the task heads. MONAI's UNet keeps its
-# last layer (it writes the decoder features), so a plain UNet checkpoint must have out_channels =
-# channels[0] to import.
+# last layer (it writes the decoder features), so a plain UNet checkpoint imports with
+# arch_kwargs.decoder_channels set to its out_channels.
 _OUTPUT_CONV = {"basicunet": "backbone.final_conv.", "swinunetr": "backbone.out.", "unet": None}
 _SWIN_BLOCKS = (
     "encoder1.",

@@ -57,11 +57,18 @@ DEFAULT_ARCH_KWARGS: dict[str, dict[str, Any]] = {
     # MONAI's strided UNet (Kerfoot et al., 2018): one strided conv + residual units per level, about a
     # tenth of BasicUNet's cost per voxel. Group norm for the same reason as BasicUNet's; ``["instance",
     # {"affine": true}]`` (MONAI's default is non-affine instance norm) is the other supported choice.
+    # ``decoder_channels`` (ours): what the top up layer writes, the features every task head and the
+    # reconstruction head read. Its two convolutions run at full resolution, so it sets the cost: 16
+    # channels (= channels[0]) made a training step 2.2x a plain MONAI UNet's with 3 output channels,
+    # 4 makes it ~1.1x (bench/bench_supervised.py). A plain MONAI UNet for K classes ends in the same
+    # layer with K channels, so 4 is as wide as it for up to 4 classes; raise it for more, or for many
+    # tasks sharing the decoder (every head is a linear map of these features).
     "unet": {
         "channels": [16, 32, 64, 128],
         "strides": [2, 2, 2],
         "num_res_units": 2,
         "norm": ["group", {"num_groups": 4}],
+        "decoder_channels": 4,
     },
 }
 
@@ -219,7 +226,8 @@ class FoundationNet(nn.Module):
     ``seg_heads`` takes its place.
 
     MONAI's strided ``UNet`` (``arch="unet"``) keeps its whole network: its ``out_channels`` is set to
-    ``channels[0]`` and those are the decoder features. Its input is zero-padded at the end of each side
+    ``decoder_channels`` (default 4; a model saved before that key existed used ``channels[0]``) and those
+    are the decoder features. Its input is zero-padded at the end of each side
     to a multiple of the total stride and the decoder output cropped back, so any size runs.
 
     Deepest features: BasicUNet ``down_4``; UNet the bottom layer; SwinUNETR the last (normalised) Swin stage,
@@ -282,16 +290,19 @@ class FoundationNet(nn.Module):
             from monai.networks.nets import UNet
 
             channels = tuple(int(c) for c in kwargs.pop("channels"))
+            decoder = int(kwargs.pop("decoder_channels", channels[0]))
+            if decoder < 1:
+                raise ValueError(f"unet decoder_channels must be >= 1, got {decoder}")
             strides = tuple(int(s) for s in kwargs.pop("strides"))
             if len(channels) < 2 or len(strides) != len(channels) - 1:
                 raise ValueError(f"unet needs >= 2 channels and len(strides) = len(channels) - 1, got {channels}, {strides}")
-            # The top level's up layer writes ``channels[0]`` decoder features (its last conv is linear, as in
+            # The top level's up layer writes ``decoder_channels`` features (its last conv is linear, as in
             # MONAI's UNet); the task heads sit on them, so nothing of MONAI's network is replaced.
-            self.backbone = UNet(spatial_dims=3, in_channels=self.in_channels, out_channels=channels[0],
+            self.backbone = UNet(spatial_dims=3, in_channels=self.in_channels, out_channels=decoder,
                                  channels=channels, strides=strides, **kwargs)
             self.stride = math.prod(strides)
             self.feature_dim = int(channels[-1])
-            self.decoder_dim = int(channels[0])
+            self.decoder_dim = decoder
         else:
             self.backbone = SwinUNETR(in_channels=self.in_channels, out_channels=1, spatial_dims=3, **kwargs)
             self.backbone.out = nn.Identity()
@@ -525,10 +536,13 @@ def load_model(folder: Path) -> FoundationNet:
     if not weights.is_file():
         raise InputError(weights, "model weights not found")
     try:
+        arch_kwargs = dict(meta["arch_kwargs"])
+        if meta["arch"] == "unet" and "decoder_channels" not in arch_kwargs and "channels" in arch_kwargs:
+            arch_kwargs["decoder_channels"] = int(arch_kwargs["channels"][0])  # saved before the key existed
         model = FoundationNet(
             meta["arch"],
             in_channels=int(meta["in_channels"]),
-            arch_kwargs=meta["arch_kwargs"],
+            arch_kwargs=arch_kwargs,
             ssl=meta["ssl"],
             heads={k: int(v) for k, v in meta["heads"].items()},
             seed=0,  # every tensor is overwritten below; a fixed seed just avoids touching the global RNG
