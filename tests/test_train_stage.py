@@ -23,6 +23,15 @@ from stages.core.nets import FoundationNet, load_model, save_model
 SETTINGS = {
     "patch_size": [16, 16, 16], "batch_size": 2, "steps": 6, "lr": 0.002, "weight_decay": 1e-5, "fg_ratio": 0.5,
     "checkpoint_every": 2, "val_every": 0, "amp": False, "seed": 0, "device": "cpu", "overlap": 0.25,
+    "warmup_steps": 0,
+}
+#: the retention recipe's settings these tests start from (each test sets what it is about)
+RETENTION = {
+    "lora": {"rank": 8, "alpha": 8, "dropout": 0.0, "targets": None, "enabled": True, "lr": None, "init": "zero",
+             "train_norms": False, "train_biases": False},
+    "kd_kind": "kl", "kd_temperature": 2.0, "kd_weight": 0.0, "kd_mask": "foreground", "kd_dilation": 2,
+    "kd_background_share": 0.2, "retention_weight": 0.0, "retention_levels": "all", "retention_scale": "channel",
+    "lwf_weight": 0.5, "grad_log_every": 10, "buffer_batch_size": 2,
 }
 
 
@@ -51,8 +60,11 @@ def train(world: dict[str, Path], out: Path, recipe: str = "finetune", init: Pat
           task: str = "organ_lesion", data: Path | None = None, settings: dict | None = None, **kw) -> None:
     from stages.train import run
 
+    settings = dict(settings or {})
+    if recipe == "retention":
+        settings = {**RETENTION, **settings, "lora": {**RETENTION["lora"], **settings.get("lora", {})}}
     run(recipe, init or world["m0"], [data or world["data1"]], [task], out, out.parent / f"{out.name}_work",
-        {**SETTINGS, **(settings or {})}, **kw)
+        {**SETTINGS, **settings}, **kw)
 
 
 def test_finetune_adds_the_head_and_trains_the_backbone(world: dict[str, Path], tmp_path: Path) -> None:
