@@ -19,7 +19,12 @@ from stages.query_round import QUERY_SCHEMA, STRATEGIES, main, run
 TASK = "tiny"
 POOL = [f"case_{i:02d}" for i in range(7)]
 HELD_OUT = ["case_90", "case_91"]  # val / test: never candidates
-SETTINGS = {"budget": 2, "patch_size": [16, 16, 16], "overlap": 0.25, "sw_batch_size": 2}
+SETTINGS = {"strategy": "dkd_asd", "budget": 2, "seed": 0, "options": {}, "dkd_knowledge": "winsorised",
+            "dkd_winsor_quantile": 0.9, "patch_size": [16, 16, 16], "overlap": 0.25, "sw_batch_size": 2,
+            "device": "cpu"}
+#: each strategy's options these tests start from (a test sets what it is about)
+OPTIONS = {"dkd_asd": {"weight": 0.5}, "fg_random": {"share": 1 / 3}, "coreset": {"metric": "euclidean"},
+           "mc_dropout": {"passes": 8, "dropout": 0.2, "measure": "monailabel"}}
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +63,9 @@ def task(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _run(
     task: dict[str, Path], out: Path, round_index: int, model: bool = True, labelled: bool = True, **settings
 ) -> pd.DataFrame:
-    run(task["data"], TASK, task["ssl"], task["features"], round_index, out, {**SETTINGS, **settings},
+    settings = {**SETTINGS, **settings}
+    settings["options"] = {**OPTIONS.get(settings["strategy"], {}), **settings["options"]}
+    run(task["data"], TASK, task["ssl"], task["features"], round_index, out, settings,
         labelled=task["labelled"] if labelled else None, model_dir=task["model"] if model else None)
     return pd.read_parquet(out)
 
@@ -156,10 +163,11 @@ def test_model_strategy_needs_the_model_after_round_zero(task: dict[str, Path], 
 def test_cli_writes_and_refuses(task: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["--data", str(task["data"]), "--task", TASK, "--ssl-scores", str(task["ssl"]),
             "--features", str(task["features"]), "--round", "0", "--out", str(tmp_path / "q.parquet")]
-    main([*args, "--settings", json.dumps({"strategy": "coreset", "budget": 1})])
+    coreset = {**SETTINGS, "strategy": "coreset", "options": OPTIONS["coreset"]}
+    main([*args, "--settings", json.dumps({**coreset, "budget": 1})])
     assert pd.read_parquet(tmp_path / "q.parquet")["picked"].sum() == 1
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(main, [*args, "--settings", json.dumps({"strategy": "coreset", "budget": -1})])
+        run_cli(main, [*args, "--settings", json.dumps({**coreset, "budget": -1})])
     assert exit_info.value.code == 2
     assert "settings.budget" in capsys.readouterr().err
 

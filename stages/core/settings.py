@@ -109,7 +109,7 @@ def _nested(kind: Any) -> type | None:
     return None
 
 
-def from_mapping(cls: type[T], mapping: Any, stage: str, where: str = "--settings") -> T:
+def from_mapping(cls: type[T], mapping: Any, stage: str, where: str = "--settings", noun: str = "settings") -> T:
     """Build the settings dataclass ``cls`` of ``stage`` from a mapping, refusing unknown and missing keys.
 
     Nested dataclass fields are built the same way from nested objects. Numbers given as integers
@@ -120,6 +120,7 @@ def from_mapping(cls: type[T], mapping: Any, stage: str, where: str = "--setting
         mapping: the ``--settings`` object (or the part of it this dataclass reads).
         stage: the stage's name, for the message (``train``, ``query_round``).
         where: the key path of ``mapping``, for the message.
+        noun: what the keys are called in the message (``settings``, ``options``).
 
     Raises:
         SettingsError: naming the stage, the key and the problem.
@@ -129,13 +130,13 @@ def from_mapping(cls: type[T], mapping: Any, stage: str, where: str = "--setting
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(mapping) - set(fields))
     if unknown:
-        raise SettingsError(where, f"{stage}: unknown settings {unknown}; known: {sorted(fields)}")
+        raise SettingsError(where, f"{stage}: unknown {noun} {unknown}; known: {sorted(fields)}")
     missing = sorted(
         name for name, f in fields.items()
         if name not in mapping and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     )
     if missing:
-        raise SettingsError(where, f"{stage}: missing settings {missing} (the pipeline passes them from the config)")
+        raise SettingsError(where, f"{stage}: missing {noun} {missing} (the pipeline passes them from the config)")
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
     for name, value in mapping.items():
