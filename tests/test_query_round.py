@@ -250,3 +250,51 @@ def test_dkd_knowledge_winsorised_or_raw(task: dict[str, Path], tmp_path: Path) 
         _run(task, tmp_path / "x.parquet", 0, model=False, labelled=False, strategy="dkd", dkd_knowledge="max")
     with pytest.raises(InputError, match="dkd_winsor_quantile"):
         _run(task, tmp_path / "x.parquet", 0, model=False, labelled=False, strategy="dkd", dkd_winsor_quantile=0)
+
+
+def test_a_registered_toy_strategy_runs_through_query_round(
+    task: dict[str, Path], tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A new strategy is a settings dataclass, a step function and one register() call: query_round
+    dispatches to it, its options are checked by its dataclass, and its column joins the table."""
+    from dataclasses import dataclass
+
+    from stages.core.settings import setting
+    from stages.core.strategies import MODEL, Column, Strategy, dkd_step, query_schema, register
+
+    @dataclass(frozen=True)
+    class ToySettings:
+        flip: bool = setting(help="pick the smallest k first instead of the largest")
+
+    def toy_step(ctx, cfg: ToySettings):
+        base = dkd_step(ctx)
+
+        def step(remaining, picked):
+            terms = base(remaining, picked)
+            sign = -1.0 if cfg.flip else 1.0
+            terms["toy_k"] = ctx.k[remaining]
+            terms["score"] = sign * ctx.k[remaining]
+            return terms
+
+        return step
+
+    register(Strategy("toy", ToySettings, toy_step, frozenset({MODEL}),
+                      (Column("toy_k", pa.float64(), "k as the toy saw it"), Column("asd", pa.float64(), "shared"))))
+    request.addfinalizer(lambda: STRATEGIES.pop("toy"))
+    assert query_schema().names[-1] == "toy_k" and query_schema().names[:-1] == QUERY_SCHEMA.names
+    table = _run(task, tmp_path / "toy.parquet", 1, strategy="toy", options={"flip": True})
+    assert pq.read_schema(tmp_path / "toy.parquet").names == query_schema().names
+    assert table["toy_k"].notna().all() and table["asd"].notna().all()  # model scores: it declared MODEL
+    picks = table[table["picked"]].sort_values("pick_order")["case"].tolist()
+    assert picks == table.sort_values("k")["case"].head(2).tolist()  # smallest knowledge gap first
+    assert read_provenance(tmp_path / "toy.parquet")["options"] == {"flip": True}
+    # round 0 without a model: the declared model input means the DKD fallback
+    zero = _run(task, tmp_path / "toy0.parquet", 0, model=False, labelled=False, strategy="toy",
+                options={"flip": False})
+    assert zero["fallback"].eq("dkd").all() and zero["toy_k"].isna().all()
+    with pytest.raises(InputError, match=r"missing options \['flip'\]"):
+        _run(task, tmp_path / "bad.parquet", 1, strategy="toy")
+    with pytest.raises(ValueError, match="registered already"):
+        register(Strategy("toy", ToySettings, toy_step))
+    with pytest.raises(ValueError, match="is double elsewhere"):
+        register(Strategy("toy2", ToySettings, toy_step, columns=(Column("toy_k", pa.int64(), "clash"),)))
