@@ -21,7 +21,7 @@ from stages.core.settings import SettingsError, add_settings_argument, from_mapp
 from stages.core.strategies import STRATEGIES
 
 #: every stage module whose settings are a dataclass contract
-STAGES = ("train", "query_round", "annotate", "select_pseudo", "evaluate", "features", "ssl_scores")
+STAGES = ("train", "query_round", "annotate", "select_pseudo", "evaluate", "features", "ssl_scores", "pretrain")
 #: stages on the shared parser and from_mapping whose dataclasses keep schema-equal defaults
 OTHER_STAGES = ("select_buffer", "drift", "plots")
 CORE = ("stages.core.trainer", "stages.core.strategies")
@@ -165,7 +165,7 @@ def _contract_of(stage: str, args: list[str]) -> type:
     contract = {
         "query_round": "QuerySettings", "annotate": "AnnotateSettings", "select_pseudo": "PseudoSettings",
         "evaluate": "EvaluateSettings", "features": "FeatureSettings", "ssl_scores": "ScoreSettings",
-        "select_buffer": "BufferSettings", "drift": "DriftSettings", "plots": "PlotSettings",
+        "pretrain": "PretrainSettings", "select_buffer": "BufferSettings", "drift": "DriftSettings", "plots": "PlotSettings",
     }[stage]
     return getattr(importlib.import_module(f"stages.{stage}"), contract)
 
