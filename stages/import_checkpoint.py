@@ -30,7 +30,6 @@ lists the missing and unexpected keys.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -42,6 +41,7 @@ import torch
 from stages.core.errors import InputError, run_cli
 from stages.core.io import load_safetensors, make_provenance, read_parquet
 from stages.core.log import stage_log
+from stages.core.settings import add_settings_argument
 from stages.core.nets import ARCHS, FoundationNet, check_state_dict, save_model, seed_from
 from stages.core.ssl import write_feature_stats
 
@@ -307,17 +307,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m stages.import_checkpoint", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", type=Path, required=True, help="external weights (.pt/.pth/.safetensors)")
     parser.add_argument("--out", type=Path, required=True, help="model folder to write")
-    parser.add_argument("--settings", required=True, help="JSON object (see the module docstring)")
+    add_settings_argument(parser, required=True)  # the fields: the module docstring
     parser.add_argument("--pool", type=Path, default=None, help="preprocessed pool: also write feature statistics")
     args = parser.parse_args(argv)
     with stage_log(parser, args):
-        try:
-            settings = json.loads(args.settings)
-        except json.JSONDecodeError as err:
-            raise InputError("--settings", f"not valid JSON: {err}") from err
-        if not isinstance(settings, dict):
-            raise InputError("--settings", "must be a JSON object")
-        run(args.checkpoint, args.out, settings, args.pool)
+        run(args.checkpoint, args.out, args.settings, args.pool)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
-import json
 import os
 import shutil
 import sys
@@ -49,6 +48,7 @@ from tqdm import tqdm
 from stages.core.errors import InputError, run_cli
 from stages.core.io import atomic_path, make_provenance, save_json
 from stages.core.log import stage_log
+from stages.core.settings import add_settings_argument
 
 __all__ = [
     "CT_AXCODES",
@@ -672,14 +672,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Command line: ``python -m stages.synth --out DIR [--settings JSON]``."""
     parser = argparse.ArgumentParser(prog="python -m stages.synth", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder to write the MSD datasets into")
-    parser.add_argument("--settings", default="{}", help="JSON object: seed, shape, cases_per_task, pool_cases")
+    add_settings_argument(parser)  # seed, shape, cases_per_task, pool_cases (resolve_settings)
     args = parser.parse_args(argv)
     with stage_log(parser, args):
-        try:
-            settings = json.loads(args.settings)
-        except json.JSONDecodeError as err:
-            raise InputError("--settings", f"not valid JSON: {err}") from None
-        run(args.out, settings)
+        run(args.out, args.settings)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from stages.core.strategies import STRATEGIES
 STAGES = ("train", "query_round", "annotate", "select_pseudo", "evaluate", "features", "ssl_scores", "pretrain")
 #: stages on the shared parser and from_mapping whose dataclasses keep schema-equal defaults
 OTHER_STAGES = ("select_buffer", "drift", "plots")
+#: stages on the shared parser that still check a plain mapping (defaults in DEFAULT_SETTINGS or their own class)
+PARSER_ONLY = ("preprocess", "synth", "import_checkpoint", "landscape", "merge")
 CORE = ("stages.core.trainer", "stages.core.strategies")
 
 
@@ -74,7 +76,7 @@ def test_one_settings_parser_for_every_stage() -> None:
         parser.parse_args(["--settings", "{a: 1}"])
     with pytest.raises(InputError, match="must be a JSON object, got list"):
         parser.parse_args(["--settings", "[1]"])
-    for stage in STAGES + OTHER_STAGES:
+    for stage in STAGES + OTHER_STAGES + PARSER_ONLY:
         source = (Path(importlib.import_module(f"stages.{stage}").__file__)).read_text()
         assert "add_settings_argument(parser" in source and "json.loads" not in source, stage
 
@@ -128,6 +130,28 @@ def test_dataclass_defaults_equal_the_schema_defaults() -> None:
             compared.append(f.metadata["schema"])
     # the trainer's defaults are the schema's (they once were lr 1e-3 and checkpoint_every 25)
     assert {"train.lr", "train.checkpoint_every", "train.weight_decay"} <= set(compared)
+
+
+@pytest.mark.parametrize(
+    ("stage", "keys"),
+    [
+        ("preprocess", {"split": "preprocess.split", "target_spacing": "preprocess.target_spacing",
+                        "normalisation": "preprocess.normalisation", "max_voxels": "preprocess.max_voxels",
+                        "seed": "seed"}),
+        ("synth", {"seed": "demo.seed", "shape": "demo.shape", "cases_per_task": "demo.cases_per_task",
+                   "pool_cases": "demo.pool_cases"}),
+    ],
+)
+def test_default_settings_dicts_equal_the_schema(stage: str, keys: dict[str, str]) -> None:
+    """The stages that keep a DEFAULT_SETTINGS dict for direct callers agree with the schema too."""
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    defaults = importlib.import_module(f"stages.{stage}").DEFAULT_SETTINGS
+    for key, dotted in keys.items():
+        node = _schema_node(schema, dotted)
+        expected = node["default"]
+        if node.get("type") == "object" and "properties" in node:  # an object's default is its members'
+            expected = {k: v["default"] for k, v in node["properties"].items()}
+        assert defaults[key] == expected, f"{stage}.{key}: {defaults[key]!r} vs {dotted} {expected!r}"
 
 
 def test_strategy_registry_matches_the_schema() -> None:
