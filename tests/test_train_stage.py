@@ -311,3 +311,25 @@ def test_retention_levels_of_the_strided_unet_are_its_encoder_levels() -> None:
         model.forward_features(torch.zeros(1, 1, 16, 16, 16))
     shapes = [tuple(t.shape) for t in tap.collect()]
     assert shapes == [(1, 4, 8, 8, 8), (1, 8, 4, 4, 4), (1, 16, 2, 2, 2)]
+
+
+def test_settings_contract_refuses_unknown_and_missing_keys_by_recipe(world: dict[str, Path], tmp_path: Path) -> None:
+    """Each recipe reads its own dataclass: a typo or a key the pipeline forgot stops the job before training."""
+    from stages.train import RECIPE_SETTINGS, RECIPES
+
+    assert set(RECIPE_SETTINGS) == set(RECIPES)
+    with pytest.raises(InputError, match=r"train \(finetune\): unknown settings \['learning_rate'\]"):
+        train(world, tmp_path / "a", settings={"learning_rate": 0.1})
+    bare = {k: v for k, v in SETTINGS.items() if k != "warmup_steps"}
+    from stages.train import run
+
+    with pytest.raises(InputError, match=r"train \(finetune\): missing settings \['warmup_steps'\]"):
+        run("finetune", world["m0"], [world["data1"]], ["organ_lesion"], tmp_path / "b", tmp_path / "bw", bare)
+    no_rank = {**SETTINGS, **RETENTION, "lora": {k: v for k, v in RETENTION["lora"].items() if k != "rank"}}
+    with pytest.raises(InputError, match=r"train \(retention\): missing settings \['rank'\]") as err:
+        run("retention", world["m0"], [world["data1"]], ["organ_lesion"], tmp_path / "c", tmp_path / "cw", no_rank)
+    assert err.value.where == "--settings.lora"
+    # the semi-supervised recipe needs its own key: finetune's settings are not enough
+    with pytest.raises(InputError, match=r"missing settings \['pseudo_weight'\]"):
+        train(world, tmp_path / "d", recipe="semisupervised", pseudo=tmp_path)
+    assert not any((tmp_path / n).exists() for n in "abcd")
