@@ -33,7 +33,7 @@ import pandas as pd
 from stages.core.errors import InputError, run_cli
 from stages.core.io import atomic_path, make_provenance, read_parquet, save_json, sha256_file, write_parquet
 from stages.core.log import stage_log
-from stages.core.metrics import METRIC_NAMES
+from stages.core.metric_names import METRIC_NAMES
 
 __all__ = [
     "MULTITASK_STEP",

@@ -30,7 +30,7 @@ from stages.core.settings import add_settings_argument, from_mapping, setting
 
 __all__ = ["METRICS", "EvaluateSettings", "score_predictions", "run", "main"]
 
-METRICS = METRIC_NAMES  # the one list, stages.core.metrics
+METRICS = METRIC_NAMES  # the one list, stages.core.metric_names
 
 
 @dataclass(frozen=True, kw_only=True)
