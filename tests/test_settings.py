@@ -217,3 +217,19 @@ def test_every_job_of_the_tiny_dag_receives_exactly_its_contract(tmp_path: Path)
         checked[stage] = checked.get(stage, 0) + 1
     # the tiny DAG pre-trains M0 rather than importing one
     assert set(checked) == set(STAGES + OTHER_STAGES) - {"import_checkpoint"}, checked
+
+
+def test_landscape_defaults_equal_the_schema() -> None:
+    """landscape keeps its own validating class (lists become tuples); its defaults agree with the schema."""
+    from stages.landscape import LandscapeSettings
+
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    default = LandscapeSettings()
+    pairs = {"dims": "analysis.landscape.dims", "points": "analysis.landscape.points",
+             "range": "analysis.landscape.range", "cases": "analysis.landscape.cases",
+             "batch_size": "analysis.landscape.batch_size", "patch_size": "train.patch_size",
+             "device": "device", "dpi": "summary.dpi", "seed": "seed"}
+    for field, dotted in pairs.items():
+        value = getattr(default, field)
+        value = list(value) if isinstance(value, tuple) else value
+        assert value == _schema_node(schema, dotted)["default"], field
