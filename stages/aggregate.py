@@ -33,6 +33,7 @@ import pandas as pd
 from stages.core.errors import InputError, run_cli
 from stages.core.io import atomic_path, make_provenance, read_parquet, save_json, sha256_file, write_parquet
 from stages.core.log import stage_log
+from stages.core.metric_names import METRIC_NAMES
 
 __all__ = [
     "MULTITASK_STEP",
@@ -56,7 +57,7 @@ __all__ = [
 ]
 
 MULTITASK_STEP = "all"
-SUMMARY_METRICS = ("dice", "hd95", "nsd")
+SUMMARY_METRICS = METRIC_NAMES
 PAIRED_METRICS = ("dice", "hd95")
 METRIC_TITLES = {"dice": "Dice", "hd95": "HD95 (mm)", "nsd": "NSD"}
 METRIC_COLUMNS = ("method", "step", "task", "case", "class", "metric", "value")

@@ -38,8 +38,8 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,16 +55,31 @@ from stages.core.geometry import preprocess_label
 from stages.core.io import atomic_path, make_provenance, read_provenance, save_npy, sha256_file, write_parquet
 from stages.core.log import stage_log
 from stages.core.msd import read_label_array
+from stages.core.settings import add_settings_argument, from_mapping, setting
 
-__all__ = ["DEFAULT_SETTINGS", "LABELLED_SCHEMA", "MODES", "inbox_files", "run", "main"]
+__all__ = ["AnnotateSettings", "LABELLED_SCHEMA", "MODES", "inbox_files", "run", "main"]
 
 MODES = ("oracle", "inbox")
 
-DEFAULT_SETTINGS: dict[str, Any] = {
-    "mode": "oracle",  # "oracle" (labelsTr) or "inbox" (annotated files delivered by a person)
-    "image_link": "symlink",  # how images enter the labelled folder: "symlink" (relative) or "copy"
-    "affine_atol": 1e-3,  # largest allowed difference between a label's and its image's affine entries (mm)
-}
+
+@dataclass(frozen=True, kw_only=True)
+class AnnotateSettings:
+    """The settings of an annotation job."""
+
+    mode: str = setting(help="oracle (labelsTr) or inbox (annotated files delivered by a person)",
+                        schema="assft.annotation")
+    image_link: str = setting("symlink", help="how images enter the labelled folder: symlink (relative) or copy")
+    affine_atol: float = setting(1e-3, help="largest allowed difference between a label's and its image's affine "
+                                            "entries (mm)")
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise InputError("settings.mode", f"must be one of {list(MODES)}, got {self.mode!r}")
+        if self.image_link not in IMAGE_LINK_MODES:
+            raise InputError("settings.image_link",
+                             f"must be one of {list(IMAGE_LINK_MODES)}, got {self.image_link!r}")
+        if self.affine_atol < 0:
+            raise InputError("settings.affine_atol", f"must be a number >= 0, got {self.affine_atol!r}")
 
 LABELLED_SCHEMA = pa.schema(
     [
@@ -79,22 +94,6 @@ LABELLED_SCHEMA = pa.schema(
 
 #: Manifest provenance keys carried into the labelled folder's manifest (what the task's data means).
 _CARRIED = ("dataset", "labels", "label_map", "num_classes", "normalisation", "target_spacing", "ct_stats")
-
-
-def _resolve(settings: Mapping[str, Any], inbox: Path | None) -> dict[str, Any]:
-    unknown = sorted(set(settings) - set(DEFAULT_SETTINGS))
-    if unknown:
-        raise InputError("settings", f"unknown annotate settings {unknown}; known: {sorted(DEFAULT_SETTINGS)}")
-    cfg = {**DEFAULT_SETTINGS, **dict(settings)}
-    if cfg["mode"] not in MODES:
-        raise InputError("settings.mode", f"must be one of {list(MODES)}, got {cfg['mode']!r}")
-    if cfg["mode"] == "inbox" and inbox is None:
-        raise InputError("--inbox", "inbox mode needs the inbox folder where annotated files arrive")
-    if cfg["image_link"] not in IMAGE_LINK_MODES:
-        raise InputError("settings.image_link", f"must be one of {list(IMAGE_LINK_MODES)}, got {cfg['image_link']!r}")
-    if not isinstance(cfg["affine_atol"], (int, float)) or cfg["affine_atol"] < 0:
-        raise InputError("settings.affine_atol", f"must be a number >= 0, got {cfg['affine_atol']!r}")
-    return cfg
 
 
 def inbox_files(inbox: Path, round_index: int) -> dict[str, Path]:
@@ -183,6 +182,170 @@ def _load_label(
     return seg
 
 
+@dataclass
+class _Task:
+    """The task's preprocessed folder as the annotation needs it (its labels are never read)."""
+
+    manifest_path: Path
+    manifest: pa.Table
+    rows: dict[str, dict[str, Any]]
+    prov: dict[str, Any]
+    labels: dict[str, str]
+    label_map: dict[str, int]
+    num_classes: int
+
+    @property
+    def allowed(self) -> list[int]:
+        return sorted(int(v) for v in self.labels)
+
+
+def _read_query(query: Path) -> tuple[int, list[str]]:
+    """The round of ``query.parquet`` and its picked cases in pick order."""
+    if not query.is_file():
+        raise InputError(query, "missing query table (run stages.query_round first)")
+    q = pd.read_parquet(query)
+    if not {"case", "picked", "pick_order", "round"} <= set(q.columns):
+        raise InputError(query, "lacks columns case, picked, pick_order, round (not a query table?)")
+    rounds = q["round"].unique()
+    if len(rounds) != 1:
+        raise InputError(query, f"holds several rounds {sorted(rounds.tolist())}")
+    return int(rounds[0]), q[q["picked"]].sort_values("pick_order")["case"].astype(str).tolist()
+
+
+def _read_task(data: Path, query: Path, picked: list[str]) -> _Task:
+    manifest_path = data / "manifest.parquet"
+    if not manifest_path.is_file():
+        raise InputError(manifest_path, "missing: preprocess the task first")
+    manifest = pq.read_table(manifest_path)
+    rows = {str(r["case"]): r for r in manifest.to_pylist()}
+    prov = read_provenance(manifest_path)
+    labels = prov.get("labels") or {}
+    label_map = prov.get("label_map") or {}
+    num_classes = prov.get("num_classes")
+    if not labels or not label_map or not num_classes:
+        raise InputError(manifest_path, "declares no labels (was the task preprocessed as a labelled set?)")
+    outside = [c for c in picked if c not in rows or rows[c]["split"] != "train"]
+    if outside:
+        raise InputError(query, f"picked cases not in the task's train split: {outside[:10]}")
+    return _Task(manifest_path, manifest, rows, prov, labels, label_map, int(num_classes))
+
+
+def _read_earlier(previous: Path | None, task: _Task, round_index: int) -> list[dict[str, Any]]:
+    """The labelled records of earlier rounds, each label checked against its recorded SHA-256."""
+    if previous is None:
+        return []
+    if not previous.is_file():
+        raise InputError(previous, "missing labelled table of the previous round")
+    earlier = pd.read_parquet(previous).to_dict("records")
+    for rec in earlier:
+        seg_path = previous.parent / "cases" / f"{rec['case']}_seg.npy"
+        if not seg_path.is_file():
+            raise InputError(seg_path, "missing: the previous labelled folder is incomplete")
+        if sha256_file(seg_path) != rec["seg_sha256"]:
+            raise InputError(seg_path, "differs from the SHA-256 recorded in labelled.parquet")
+        if int(rec["round"]) >= round_index:
+            raise InputError(previous, f"holds labels of round {rec['round']}, not before round {round_index}")
+        if rec["case"] not in task.rows:
+            raise InputError(previous, f"case {rec['case']!r} is not in {task.manifest_path}")
+    return earlier
+
+
+Revealed = dict[str, tuple[np.ndarray, str, str]]
+"""case -> (label on the task grid, source file, source SHA-256)."""
+
+
+def _reveal_oracle(picked: list[str], task: _Task, atol: float, problems: list[str]) -> Revealed:
+    """labelsTr of the picked cases, each checked against the SHA-256 recorded at preprocessing."""
+    new: Revealed = {}
+    for case in picked:
+        row = task.rows[case]
+        if not row["label_path"]:
+            problems.append(
+                f"{task.manifest_path}: case {case} has no label_path (the oracle needs labelsTr; use inbox mode)"
+            )
+            continue
+        path = Path(row["label_path"])
+        if not path.is_file():
+            problems.append(f"{path}: label file not found")
+            continue
+        digest = sha256_file(path)
+        if row["label_sha256"] and digest != row["label_sha256"]:
+            problems.append(f"{path}: changed since preprocessing (SHA-256 differs from the manifest's)")
+            continue
+        seg = _load_label(path, row, task.allowed, task.label_map, task.num_classes, atol, problems)
+        if seg is not None:
+            new[case] = (seg, str(path), digest)
+    return new
+
+
+def _reveal_inbox(
+    inbox: Path, picked: list[str], task: _Task, round_index: int, request_prov: Mapping[str, Any], atol: float,
+    problems: list[str],
+) -> Revealed:
+    """Write the round's request into ``inbox``, then read the delivered files (stop if any is missing)."""
+    expected = {case: inbox / f"{case}.nii.gz" for case in picked}
+    request = pd.DataFrame(
+        {
+            "case": picked,
+            "pick_order": list(range(len(picked))),
+            "image_path": [task.rows[c]["image_path"] for c in picked],
+            "expected_file": [str(expected[c]) for c in picked],
+        }
+    )
+    files = _write_request(inbox, round_index, request, task.labels, task.prov, request_prov)
+    missing = [str(p) for p in expected.values() if not p.is_file()]
+    if missing:
+        raise InputError(
+            inbox,
+            f"waiting for {len(missing)} of {len(picked)} annotation(s) of round {round_index}; missing: "
+            + ", ".join(missing)
+            + f". Instructions: {files['instructions']}. Rerun when they are in place.",
+        )
+    new: Revealed = {}
+    for case, path in expected.items():
+        seg = _load_label(path, task.rows[case], task.allowed, task.label_map, task.num_classes, atol, problems)
+        if seg is not None:
+            new[case] = (seg, str(path), sha256_file(path))
+    return new
+
+
+def _write_labelled(
+    folder: Path, task: _Task, earlier: list[dict[str, Any]], previous_dir: Path | None, picked: list[str],
+    new: Revealed, images: Mapping[str, Path], round_index: int, cfg: AnnotateSettings, prov: Mapping[str, Any],
+) -> None:
+    """Fill the labelled folder: images, labels, the manifest of the labelled cases, labelled.parquet."""
+    records = []
+    for rec in earlier:
+        case = rec["case"]
+        link_file(images[case], folder / "cases" / f"{case}.npy", cfg.image_link)
+        assert previous_dir is not None
+        link_file(previous_dir / "cases" / f"{case}_seg.npy", folder / "cases" / f"{case}_seg.npy", "copy")
+        records.append({k: rec[k] for k in LABELLED_SCHEMA.names})
+    for case in picked:
+        seg, source, digest = new[case]
+        link_file(images[case], folder / "cases" / f"{case}.npy", cfg.image_link)
+        seg_path = folder / "cases" / f"{case}_seg.npy"
+        save_npy(seg, seg_path)
+        records.append(
+            {"case": case, "round": round_index, "mode": cfg.mode, "source": source,
+             "source_sha256": digest, "seg_sha256": sha256_file(seg_path)}
+        )
+    records.sort(key=lambda r: (int(r["round"]), r["case"]))
+    manifest_rows = []
+    for rec in sorted(records, key=lambda r: r["case"]):
+        row = dict(task.rows[rec["case"]])
+        seg = np.load(folder / "cases" / f"{rec['case']}_seg.npy")
+        row.update(
+            split="train", label_path=rec["source"], label_sha256=rec["source_sha256"],
+            **({"seg_sha256": rec["seg_sha256"]} if "seg_sha256" in row else {}),
+            label_counts=[int(v) for v in np.bincount(seg.ravel(), minlength=task.num_classes)],
+        )
+        manifest_rows.append(row)
+    write_parquet(pa.Table.from_pylist(manifest_rows, schema=task.manifest.schema.remove_metadata()),
+                  folder / "manifest.parquet", prov)
+    write_parquet(pa.Table.from_pylist(records, schema=LABELLED_SCHEMA), folder / "labelled.parquet", prov)
+
+
 def run(
     query: Path,
     data: Path,
@@ -197,7 +360,7 @@ def run(
         query: this round's ``query.parquet`` (from ``stages.query_round``).
         data: the task's preprocessed folder (images, manifest; its labels are never read).
         out: the labelled folder to (re)create.
-        settings: see :data:`DEFAULT_SETTINGS`.
+        settings: see :class:`AnnotateSettings`.
         previous: the previous round's ``labelled.parquet`` (its folder holds the earlier labels); None
             at round 0.
         inbox: the inbox folder (``inbox`` mode).
@@ -206,155 +369,40 @@ def run(
         InputError: bad input, or (inbox mode) annotated files still missing; nothing is written then.
     """
     query, data, out = Path(query), Path(data), Path(out)
-    cfg = _resolve(settings, inbox)
+    cfg = from_mapping(AnnotateSettings, settings, "annotate", "settings", noun="annotate settings")
+    if cfg.mode == "inbox" and inbox is None:
+        raise InputError("--inbox", "inbox mode needs the inbox folder where annotated files arrive")
+    previous = Path(previous) if previous is not None else None
 
-    # ---- the query ---------------------------------------------------------------------------------
-    if not query.is_file():
-        raise InputError(query, "missing query table (run stages.query_round first)")
-    q = pd.read_parquet(query)
-    if not {"case", "picked", "pick_order", "round"} <= set(q.columns):
-        raise InputError(query, "lacks columns case, picked, pick_order, round (not a query table?)")
-    rounds = q["round"].unique()
-    if len(rounds) != 1:
-        raise InputError(query, f"holds several rounds {sorted(rounds.tolist())}")
-    round_index = int(rounds[0])
-    picked = q[q["picked"]].sort_values("pick_order")["case"].astype(str).tolist()
-
-    # ---- the task ----------------------------------------------------------------------------------
-    manifest_path = data / "manifest.parquet"
-    if not manifest_path.is_file():
-        raise InputError(manifest_path, "missing: preprocess the task first")
-    manifest = pq.read_table(manifest_path)
-    rows = {str(r["case"]): r for r in manifest.to_pylist()}
-    task_prov = read_provenance(manifest_path)
-    labels = task_prov.get("labels") or {}
-    label_map = task_prov.get("label_map") or {}
-    num_classes = task_prov.get("num_classes")
-    if not labels or not label_map or not num_classes:
-        raise InputError(manifest_path, "declares no labels (was the task preprocessed as a labelled set?)")
-    allowed = sorted(int(v) for v in labels)
-    outside = [c for c in picked if c not in rows or rows[c]["split"] != "train"]
-    if outside:
-        raise InputError(query, f"picked cases not in the task's train split: {outside[:10]}")
-
-    # ---- earlier rounds ----------------------------------------------------------------------------
-    earlier: list[dict[str, Any]] = []
-    previous_dir = None
-    if previous is not None:
-        previous = Path(previous)
-        if not previous.is_file():
-            raise InputError(previous, "missing labelled table of the previous round")
-        previous_dir = previous.parent
-        earlier = pd.read_parquet(previous).to_dict("records")
-        for rec in earlier:
-            seg_path = previous_dir / "cases" / f"{rec['case']}_seg.npy"
-            if not seg_path.is_file():
-                raise InputError(seg_path, "missing: the previous labelled folder is incomplete")
-            if sha256_file(seg_path) != rec["seg_sha256"]:
-                raise InputError(seg_path, "differs from the SHA-256 recorded in labelled.parquet")
-            if int(rec["round"]) >= round_index:
-                raise InputError(previous, f"holds labels of round {rec['round']}, not before round {round_index}")
-            if rec["case"] not in rows:
-                raise InputError(previous, f"case {rec['case']!r} is not in {manifest_path}")
+    round_index, picked = _read_query(query)
+    task = _read_task(data, query, picked)
+    earlier = _read_earlier(previous, task, round_index)
     again = sorted(set(picked) & {rec["case"] for rec in earlier})
     if again:
         raise InputError(query, f"picks cases that are already labelled: {again}")
 
-    # ---- the new labels ----------------------------------------------------------------------------
     problems: list[str] = []
-    new: dict[str, tuple[np.ndarray, str, str]] = {}
-    if cfg["mode"] == "oracle":
-        for case in picked:
-            row = rows[case]
-            if not row["label_path"]:
-                problems.append(
-                    f"{manifest_path}: case {case} has no label_path (the oracle needs labelsTr; use inbox mode)"
-                )
-                continue
-            path = Path(row["label_path"])
-            if not path.is_file():
-                problems.append(f"{path}: label file not found")
-                continue
-            digest = sha256_file(path)
-            if row["label_sha256"] and digest != row["label_sha256"]:
-                problems.append(f"{path}: changed since preprocessing (SHA-256 differs from the manifest's)")
-                continue
-            seg = _load_label(path, row, allowed, label_map, int(num_classes), cfg["affine_atol"], problems)
-            if seg is not None:
-                new[case] = (seg, str(path), digest)
+    if cfg.mode == "oracle":
+        new = _reveal_oracle(picked, task, cfg.affine_atol, problems)
     else:
         assert inbox is not None
-        inbox = Path(inbox)
-        expected = {case: inbox / f"{case}.nii.gz" for case in picked}
-        request = pd.DataFrame(
-            {
-                "case": picked,
-                "pick_order": list(range(len(picked))),
-                "image_path": [rows[c]["image_path"] for c in picked],
-                "expected_file": [str(expected[c]) for c in picked],
-            }
-        )
-        request_prov = make_provenance("annotate", dict(settings), inputs=[query], task=task_prov.get("dataset"),
+        request_prov = make_provenance("annotate", dict(settings), inputs=[query], task=task.prov.get("dataset"),
                                        round=round_index, request=True)
-        files = _write_request(inbox, round_index, request, labels, task_prov, request_prov)
-        missing = [str(p) for p in expected.values() if not p.is_file()]
-        if missing:
-            raise InputError(
-                inbox,
-                f"waiting for {len(missing)} of {len(picked)} annotation(s) of round {round_index}; missing: "
-                + ", ".join(missing)
-                + f". Instructions: {files['instructions']}. Rerun when they are in place.",
-            )
-        for case, path in expected.items():
-            seg = _load_label(path, rows[case], allowed, label_map, int(num_classes), cfg["affine_atol"], problems)
-            if seg is not None:
-                new[case] = (seg, str(path), sha256_file(path))
+        new = _reveal_inbox(Path(inbox), picked, task, round_index, request_prov, cfg.affine_atol, problems)
     images = {rec["case"]: data / "cases" / f"{rec['case']}.npy" for rec in earlier}
     images.update({case: data / "cases" / f"{case}.npy" for case in picked})
     problems += [f"{p}: missing preprocessed image" for p in images.values() if not p.is_file()]
     if problems:
         raise InputError(query, f"{len(problems)} problem(s) with the revealed labels:\n  " + "\n  ".join(problems))
 
-    # ---- write the labelled folder -----------------------------------------------------------------
-    inputs = [query, manifest_path] + ([previous] if previous is not None else [])
-    base_prov = make_provenance(
-        "annotate", dict(settings), inputs=inputs, task=task_prov.get("dataset"), round=round_index,
-        mode=cfg["mode"], picked=picked, labelled=sorted(images), **{k: task_prov.get(k) for k in _CARRIED},
+    inputs = [query, task.manifest_path] + ([previous] if previous is not None else [])
+    prov = make_provenance(
+        "annotate", dict(settings), inputs=inputs, task=task.prov.get("dataset"), round=round_index,
+        mode=cfg.mode, picked=picked, labelled=sorted(images), **{k: task.prov.get(k) for k in _CARRIED},
     )
-
-    def build(folder: Path) -> None:
-        records = []
-        for rec in earlier:
-            case = rec["case"]
-            link_file(images[case], folder / "cases" / f"{case}.npy", cfg["image_link"])
-            assert previous_dir is not None
-            link_file(previous_dir / "cases" / f"{case}_seg.npy", folder / "cases" / f"{case}_seg.npy", "copy")
-            records.append({k: rec[k] for k in LABELLED_SCHEMA.names})
-        for case in picked:
-            seg, source, digest = new[case]
-            link_file(images[case], folder / "cases" / f"{case}.npy", cfg["image_link"])
-            seg_path = folder / "cases" / f"{case}_seg.npy"
-            save_npy(seg, seg_path)
-            records.append(
-                {"case": case, "round": round_index, "mode": cfg["mode"], "source": source,
-                 "source_sha256": digest, "seg_sha256": sha256_file(seg_path)}
-            )
-        records.sort(key=lambda r: (int(r["round"]), r["case"]))
-        manifest_rows = []
-        for rec in sorted(records, key=lambda r: r["case"]):
-            row = dict(rows[rec["case"]])
-            seg = np.load(folder / "cases" / f"{rec['case']}_seg.npy")
-            row.update(
-                split="train", label_path=rec["source"], label_sha256=rec["source_sha256"],
-                **({"seg_sha256": rec["seg_sha256"]} if "seg_sha256" in row else {}),
-                label_counts=[int(v) for v in np.bincount(seg.ravel(), minlength=int(num_classes))],
-            )
-            manifest_rows.append(row)
-        write_parquet(pa.Table.from_pylist(manifest_rows, schema=manifest.schema.remove_metadata()),
-                      folder / "manifest.parquet", base_prov)
-        write_parquet(pa.Table.from_pylist(records, schema=LABELLED_SCHEMA), folder / "labelled.parquet", base_prov)
-
-    build_folder(out, build)
+    previous_dir = previous.parent if previous is not None else None
+    build_folder(out, lambda folder: _write_labelled(folder, task, earlier, previous_dir, picked, new, images,
+                                                     round_index, cfg, prov))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -364,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--previous", type=Path, default=None, help="previous round's labelled.parquet")
     parser.add_argument("--inbox", type=Path, default=None, help="inbox folder (mode inbox)")
     parser.add_argument("--out", type=Path, required=True, help="labelled folder to write")
-    parser.add_argument("--settings", type=json.loads, default={}, help="JSON object (see DEFAULT_SETTINGS)")
+    add_settings_argument(parser, AnnotateSettings)
     args = parser.parse_args(argv)
     with stage_log(parser, args):
         run(args.query, args.data, args.out, args.settings, previous=args.previous, inbox=args.inbox)

@@ -31,7 +31,6 @@ Only trainable parameters are compared (buffers such as SwinUNETR's integer posi
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import re
@@ -52,6 +51,7 @@ from stages.core.errors import InputError, run_cli
 from stages.core.figures import FIGURE_STYLE, method_colours, save_figure
 from stages.core.io import make_provenance, write_parquet
 from stages.core.log import stage_log
+from stages.core.settings import add_settings_argument, from_mapping, setting
 from stages.core.nets import MODEL_WEIGHTS, load_model, model_id, read_model_json
 
 __all__ = [
@@ -179,24 +179,18 @@ def parse_model(spec: str) -> StepModel:
 
 @dataclass(frozen=True)
 class DriftSettings:
-    """Settings of the drift step.
+    """Settings of the drift step (default: the schema's, for direct callers)."""
 
-    Attributes:
-        dpi: resolution of the PNGs.
-    """
+    dpi: int = setting(100, help="resolution of the PNGs", schema="summary.dpi")
 
-    dpi: int = 100
+    def __post_init__(self) -> None:
+        if not isinstance(self.dpi, int) or isinstance(self.dpi, bool) or self.dpi < 10:
+            raise InputError("--settings", f"dpi must be an integer >= 10, got {self.dpi!r}")
 
     @classmethod
     def from_mapping(cls, settings: Mapping[str, Any]) -> DriftSettings:
-        """Build from the ``--settings`` JSON object, refusing unknown keys."""
-        unknown = sorted(set(settings) - {"dpi"})
-        if unknown:
-            raise InputError("--settings", f"unknown keys {unknown} (known: ['dpi'])")
-        out = cls(**settings)
-        if not isinstance(out.dpi, int) or isinstance(out.dpi, bool) or out.dpi < 10:
-            raise InputError("--settings", f"dpi must be an integer >= 10, got {out.dpi!r}")
-        return out
+        """Build from the ``--settings`` JSON object, refusing unknown keys (:func:`stages.core.settings.from_mapping`)."""
+        return from_mapping(cls, settings, "drift", noun="keys")
 
 
 # ------------------------------------------------------------------------------------------ numbers
@@ -489,7 +483,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="each method's models in step order; START_FOLDER (default: the method's previous "
                              "model, M0 for its first) is the model the step's training started from")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--settings", type=json.loads, default={}, help="JSON object: dpi")
+    add_settings_argument(parser, DriftSettings)
     args = parser.parse_args(argv)
     with stage_log(parser, args):
         if not isinstance(args.settings, dict):

@@ -8,8 +8,9 @@ Metrics follow methods.md §0, in long format (one row per case, class and metri
 from __future__ import annotations
 
 import argparse
-import json
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,26 @@ from stages.core.geometry import apply_label_map
 from stages.core.inference import predict_cases, resolve_device
 from stages.core.io import make_provenance, read_parquet, read_provenance, write_parquet
 from stages.core.log import stage_log
-from stages.core.metrics import case_metrics
+from stages.core.metrics import METRIC_NAMES, case_metrics
 from stages.core.nets import load_model, model_id
+from stages.core.settings import add_settings_argument, from_mapping, setting
 
-__all__ = ["METRICS", "score_predictions", "run", "main"]
+__all__ = ["METRICS", "EvaluateSettings", "score_predictions", "run", "main"]
 
-METRICS = ("dice", "hd95", "nsd")
+METRICS = METRIC_NAMES  # the one list, stages.core.metric_names
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateSettings:
+    """The settings of an evaluation job (``inference`` and ``evaluate`` sections, the training patch)."""
+
+    patch_size: list[int] = setting(help="sliding-window size (the training patch)", schema="train.patch_size")
+    overlap: float = setting(help="sliding-window overlap", schema="inference.overlap")
+    sw_batch_size: int = setting(help="windows per forward pass", schema="inference.sw_batch_size")
+    nsd_tolerance_mm: float | list[float] = setting(help="NSD tolerance (mm), one or one per foreground class",
+                                                    schema="evaluate.nsd_tolerance_mm")
+    seed: int = setting(help="the training seed of the evaluated run (the metrics' seed column)", schema="seed")
+    device: str = setting(help="cpu, cuda or cuda:N", schema="device")
 COLUMNS = ["method", "step", "task", "case", "class", "metric", "value", "flag"]
 
 
@@ -58,7 +73,7 @@ def score_predictions(predictions: Path, cases: Sequence[str], data: Path, nsd_t
 
 def run(
     model_dir: Path, tasks: Sequence[str], data: Sequence[Path], out: Path, method: str, step: str,
-    settings: dict[str, Any],
+    settings: Mapping[str, Any],
 ) -> None:
     """Predict and score ``tasks`` with ``model_dir``; write ``out/predictions/{task}/`` and ``out/metrics.parquet``.
 
@@ -68,11 +83,13 @@ def run(
         data: preprocessed task folders (their manifests point at the original labels).
         out: output folder.
         method, step: what is evaluated (method name, the training step that made the model).
-        settings: ``patch_size``, ``overlap``, ``sw_batch_size``, ``nsd_tolerance_mm``, ``seed``, ``device``.
+        settings: see :class:`EvaluateSettings`.
     """
     if len(tasks) != len(data):
         raise InputError("--task", f"give one task per --data folder ({len(tasks)} tasks, {len(data)} folders)")
-    device = resolve_device(settings.get("device", "cpu"))
+    conf = from_mapping(EvaluateSettings, settings, "evaluate")
+    settings = dict(settings)
+    device = resolve_device(conf.device)
     model = load_model(model_dir)
     absent = [t for t in tasks if t not in model.seg_heads]
     if absent:
@@ -82,18 +99,18 @@ def run(
     rows = []
     for task, folder in zip(tasks, data):
         pred_dir = out / "predictions" / task
-        table = predict_cases(model, task, folder, "test", pred_dir, settings, device)
+        table = predict_cases(model, task, folder, "test", pred_dir, dataclasses.asdict(conf), device)
         pred_prov = make_provenance("evaluate", settings, inputs=[model_dir / "model.safetensors", folder / "manifest.parquet"],
                                     model_id=mid, head=task, split="test")
         write_parquet(table, pred_dir / "predictions.parquet", pred_prov)
-        for row in score_predictions(pred_dir, table["case"].tolist(), folder, settings["nsd_tolerance_mm"]):
+        for row in score_predictions(pred_dir, table["case"].tolist(), folder, conf.nsd_tolerance_mm):
             rows.append({"method": method, "step": step, "task": task, **row})
     prov = make_provenance(
         "evaluate", settings, inputs=[model_dir / "model.safetensors"] + [d / "manifest.parquet" for d in data],
-        seed=settings.get("seed"), method=method, step=step, tasks=list(tasks), model_id=mid,
+        seed=conf.seed, method=method, step=step, tasks=list(tasks), model_id=mid,
     )
     df = pd.DataFrame(rows, columns=COLUMNS)
-    df["seed"] = settings.get("seed")
+    df["seed"] = conf.seed
     df["model_id"] = mid
     df["config_hash"] = prov["config_hash"]
     df["code_version"] = prov["code_version"]
@@ -108,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--method", required=True)
     parser.add_argument("--step", required=True, help="training step that made the model")
-    parser.add_argument("--settings", type=json.loads, default={}, help="JSON object of settings")
+    add_settings_argument(parser, EvaluateSettings)
     args = parser.parse_args(argv)
     with stage_log(parser, args):
         run(args.model, args.task, args.data, args.out, args.method, args.step, args.settings)

@@ -30,9 +30,9 @@ lists the missing and unexpected keys.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,27 +42,44 @@ import torch
 from stages.core.errors import InputError, run_cli
 from stages.core.io import load_safetensors, make_provenance, read_parquet
 from stages.core.log import stage_log
+from stages.core.settings import add_settings_argument, from_mapping, setting
 from stages.core.nets import ARCHS, FoundationNet, check_state_dict, save_model, seed_from
 from stages.core.ssl import write_feature_stats
 
-__all__ = ["FORMATS", "main", "map_keys", "read_checkpoint", "run"]
+__all__ = ["FORMATS", "ImportSettings", "main", "map_keys", "read_checkpoint", "run"]
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("monai_swin_ssl", "state_dict")
-_KNOWN_SETTINGS = {
-    "device",
-    "format",
-    "arch",
-    "arch_kwargs",
-    "in_channels",
-    "prefix_map",
-    "drop",
-    "ssl",
-    "heads",
-    "seed",
-    "preprocessing",
-}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImportSettings:
+    """The settings of a checkpoint import (see the module docstring); a command-line tool, so optional
+    keys keep defaults, those the pipeline passes equal to the schema's."""
+
+    format: str = setting(help="monai_swin_ssl or state_dict", schema="foundation.import_format")
+    arch: str = setting(help="the network (stages.core.nets.FoundationNet)", schema="foundation.arch")
+    arch_kwargs: dict[str, Any] | None = setting(None, help="network keyword arguments (None = the network's own)")
+    in_channels: int = setting(1, help="input channels", schema="foundation.in_channels")
+    prefix_map: dict[str, str] = setting(factory=dict, help="key prefix renames, longest match first",
+                                         schema="foundation.prefix_map")
+    drop: list[str] = setting(factory=list, help="key prefixes discarded on purpose (recorded)")
+    ssl: dict[str, Any] | None = setting(None, help="SSL settings (None = the defaults); its heads are those found "
+                                                    "unless given")
+    heads: dict[str, int] | None = setting(None, help="segmentation heads; None = those found in the checkpoint")
+    seed: int = setting(0, help="initialises what the checkpoint does not hold (monai_swin_ssl)")
+    preprocessing: dict[str, Any] | None = setting(None, help="recorded in model.json as given")
+    device: str = setting("cpu", help="device of the feature statistics (--pool)", schema="device")
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise InputError("--settings.format", f"must be one of {list(FORMATS)}, got {self.format!r}")
+        if self.arch not in ARCHS:
+            raise InputError("--settings.arch", f"must be one of {list(ARCHS)}, got {self.arch!r}")
+        if self.format == "monai_swin_ssl" and self.arch != "swinunetr":
+            raise InputError("--settings.arch", "format monai_swin_ssl needs arch 'swinunetr'")
+
 # The backbone's output conv, which FoundationNet replaces by the task heads. MONAI's UNet keeps its
 # last layer (it writes the decoder features), so a plain UNet checkpoint imports with
 # arch_kwargs.decoder_channels set to its out_channels.
@@ -213,20 +230,11 @@ def run(checkpoint: Path, out: Path, settings: Mapping[str, Any], pool: Path | N
         ``out``.
     """
     checkpoint, out = Path(checkpoint), Path(out)
-    unknown = sorted(set(settings) - _KNOWN_SETTINGS)
-    if unknown:
-        raise InputError("--settings", f"unknown keys {unknown}; known: {sorted(_KNOWN_SETTINGS)}")
-    fmt = settings.get("format")
-    if fmt not in FORMATS:
-        raise InputError("--settings.format", f"must be one of {list(FORMATS)}, got {fmt!r}")
-    arch = settings.get("arch")
-    if arch not in ARCHS:
-        raise InputError("--settings.arch", f"must be one of {list(ARCHS)}, got {arch!r}")
-    if fmt == "monai_swin_ssl" and arch != "swinunetr":
-        raise InputError("--settings.arch", "format monai_swin_ssl needs arch 'swinunetr'")
-    prefix_map = dict(settings.get("prefix_map") or {})
-    drop = list(settings.get("drop") or [])
-    seed = int(settings.get("seed", 0))
+    conf = from_mapping(ImportSettings, settings, "import_checkpoint", noun="keys")
+    fmt, arch = conf.format, conf.arch
+    prefix_map = dict(conf.prefix_map)
+    drop = list(conf.drop)
+    seed = conf.seed
 
     state = read_checkpoint(checkpoint)
     mapped, dropped, unmapped = map_keys(state, fmt, prefix_map, drop, arch)
@@ -236,7 +244,7 @@ def run(checkpoint: Path, out: Path, settings: Mapping[str, Any], pool: Path | N
         )
     found_ssl, found_seg = _heads_in(mapped)
 
-    ssl = dict(settings.get("ssl") or {})
+    ssl = dict(conf.ssl or {})
     if ssl.get("heads") is not None:
         absent = sorted(set(ssl["heads"]) - set(found_ssl))
         if absent:
@@ -250,12 +258,12 @@ def run(checkpoint: Path, out: Path, settings: Mapping[str, Any], pool: Path | N
         ssl.setdefault("head_input", "token")
     if "ssl_heads.contrastive.weight" in mapped:
         ssl.setdefault("contrastive_dim", int(mapped["ssl_heads.contrastive.weight"].shape[0]))
-    heads = {str(k): int(v) for k, v in (settings.get("heads") or found_seg).items()}
+    heads = {str(k): int(v) for k, v in (conf.heads or found_seg).items()}
     try:
         model = FoundationNet(
             arch,
-            in_channels=int(settings.get("in_channels", 1)),
-            arch_kwargs=settings.get("arch_kwargs"),
+            in_channels=conf.in_channels,
+            arch_kwargs=conf.arch_kwargs,
             ssl=ssl,
             heads=heads,
             seed=seed_from("import_checkpoint", seed),
@@ -288,7 +296,7 @@ def run(checkpoint: Path, out: Path, settings: Mapping[str, Any], pool: Path | N
         dropped_keys=sorted(dropped),
         initialised_keys=initialised,
     )
-    extra = {"preprocessing": settings["preprocessing"]} if "preprocessing" in settings else None
+    extra = {"preprocessing": conf.preprocessing} if "preprocessing" in settings else None
     if pool is not None:
         manifest = pool / "manifest.parquet"
         if not manifest.is_file():
@@ -296,8 +304,8 @@ def run(checkpoint: Path, out: Path, settings: Mapping[str, Any], pool: Path | N
         cases = read_parquet(manifest)["case"].tolist()
         volumes = (np.load(pool / "cases" / f"{c}.npy", mmap_mode="r") for c in cases)
         model.eval()
-        write_feature_stats(model, volumes, (settings.get("ssl") or {}).get("patch_size", 96),
-                            out / "feature_stats.safetensors", provenance, settings.get("device", "cpu"))
+        write_feature_stats(model, volumes, (conf.ssl or {}).get("patch_size", 96),
+                            out / "feature_stats.safetensors", provenance, conf.device)
     save_model(model, out, provenance=provenance, extra=extra)
     return out
 
@@ -307,17 +315,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m stages.import_checkpoint", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", type=Path, required=True, help="external weights (.pt/.pth/.safetensors)")
     parser.add_argument("--out", type=Path, required=True, help="model folder to write")
-    parser.add_argument("--settings", required=True, help="JSON object (see the module docstring)")
+    add_settings_argument(parser, required=True)  # the fields: the module docstring
     parser.add_argument("--pool", type=Path, default=None, help="preprocessed pool: also write feature statistics")
     args = parser.parse_args(argv)
     with stage_log(parser, args):
-        try:
-            settings = json.loads(args.settings)
-        except json.JSONDecodeError as err:
-            raise InputError("--settings", f"not valid JSON: {err}") from err
-        if not isinstance(settings, dict):
-            raise InputError("--settings", "must be a JSON object")
-        run(args.checkpoint, args.out, settings, args.pool)
+        run(args.checkpoint, args.out, args.settings, args.pool)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ continues where it stopped and writes byte-identical output.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Mapping, Sequence
@@ -52,6 +51,7 @@ from stages.core.figures import FIGURE_STYLE, save_figure
 from stages.core.inference import resolve_device
 from stages.core.io import config_hash, make_provenance, read_json, read_parquet, save_json, sha256_file, write_parquet
 from stages.core.log import stage_log
+from stages.core.settings import add_settings_argument
 from stages.core.losses import segmentation_loss
 from stages.core.nets import MODEL_WEIGHTS, FoundationNet, load_model, model_id
 from stages.core.sampling import CaseStore
@@ -474,12 +474,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, required=True, help="folder for partial results (resumable)")
     parser.add_argument("--method", default=None, help="method that made the model (titles, provenance)")
     parser.add_argument("--step", default=None, help="step that made the model (titles, provenance)")
-    parser.add_argument("--settings", type=json.loads, default={},
-                        help="JSON object: seed, dims, points, range, cases, patch_size, batch_size, device, dpi")
+    add_settings_argument(parser, LandscapeSettings)
     args = parser.parse_args(argv)
     with stage_log(parser, args):
-        if not isinstance(args.settings, dict):
-            raise InputError("--settings", "must be a JSON object")
         for path in run(args.model, args.data, args.task, args.out, args.work, args.settings, args.method, args.step):
             print(path)
 

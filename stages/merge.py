@@ -8,7 +8,6 @@ merge itself is PEFT's ``merge_and_unload`` (through :func:`stages.core.lora.mer
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 from stages.core.errors import InputError, run_cli
 from stages.core.io import make_provenance, read_json
 from stages.core.log import stage_log
+from stages.core.settings import add_settings_argument
 from stages.core.lora import load_adapter, merge_lora
 from stages.core.nets import load_model, model_id, save_model
 
@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--base", type=Path, required=True, help="model folder the adapter was trained on (M_{t-1})")
     parser.add_argument("--adapter", type=Path, required=True, help="adapter folder from the retention stage")
     parser.add_argument("--out", type=Path, required=True, help="model folder to write (M_t)")
-    parser.add_argument("--settings", type=json.loads, default={}, help="JSON object of settings")
+    add_settings_argument(parser)  # recorded in the provenance only: merging has no settings of its own
     args = parser.parse_args(argv)
     with stage_log(parser, args):
         run(args.base, args.adapter, args.out, args.settings)

@@ -12,7 +12,6 @@ and with no software/date metadata, so a rerun gives the same bytes; each carrie
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from stages.core.figures import FIGURE_STYLE, method_colours, save_figure
 from stages.core.geometry import apply_label_map
 from stages.core.io import make_provenance, read_parquet, read_provenance
 from stages.core.log import stage_log
+from stages.core.settings import add_settings_argument, from_mapping, setting
 
 __all__ = [
     "DICE_FIGURE",
@@ -64,26 +64,20 @@ STAGE_TITLES = {"pretrain": "M0 pre-training (SSL loss)", "train": "step models 
 
 @dataclass(frozen=True)
 class PlotSettings:
-    """Settings of the figures.
+    """Settings of the figures (defaults: the schema's, for direct callers)."""
 
-    Attributes:
-        reference: the method whose best and worst test case per task are drawn.
-        dpi: resolution of every PNG.
-    """
+    reference: str = setting("medseqft", help="the method whose best and worst test case per task are drawn",
+                             schema="summary.reference")
+    dpi: int = setting(100, help="resolution of every PNG", schema="summary.dpi")
 
-    reference: str = "medseqft"
-    dpi: int = 100
+    def __post_init__(self) -> None:
+        if not isinstance(self.dpi, int) or isinstance(self.dpi, bool) or self.dpi < 10:
+            raise InputError("--settings", f"dpi must be an integer >= 10, got {self.dpi!r}")
 
     @classmethod
     def from_mapping(cls, settings: Mapping[str, Any]) -> PlotSettings:
-        """Build from the ``--settings`` JSON object, refusing unknown keys."""
-        unknown = sorted(set(settings) - {"reference", "dpi"})
-        if unknown:
-            raise InputError("--settings", f"unknown keys {unknown} (known: ['dpi', 'reference'])")
-        out = cls(**settings)
-        if not isinstance(out.dpi, int) or out.dpi < 10:
-            raise InputError("--settings", f"dpi must be an integer >= 10, got {out.dpi!r}")
-        return out
+        """Build from the ``--settings`` JSON object, refusing unknown keys (:func:`stages.core.settings.from_mapping`)."""
+        return from_mapping(cls, settings, "plots", noun="keys")
 
 
 @dataclass(frozen=True)
@@ -449,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder of the figures")
     parser.add_argument("--overlay", type=parse_overlay, nargs="*", default=[], metavar="TASK:STEP:PREDICTIONS:DATA",
                         help="draw the reference method's best and worst test case of TASK (model of STEP)")
-    parser.add_argument("--settings", type=json.loads, default={}, help="JSON object: reference, dpi")
+    add_settings_argument(parser, PlotSettings)
     args = parser.parse_args(argv)
     with stage_log(parser, args):
         if not isinstance(args.settings, dict):

@@ -35,7 +35,6 @@ Settings (defaults in :data:`DEFAULT_SETTINGS`):
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections import deque
@@ -61,6 +60,7 @@ from stages.core.geometry import (
 )
 from stages.core.io import build_folder, make_provenance, save_npy, sha256_file, write_parquet
 from stages.core.log import stage_log
+from stages.core.settings import add_settings_argument
 from stages.core.msd import (
     Dataset,
     ValidatedCase,
@@ -525,14 +525,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m stages.preprocess", description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", type=Path, required=True, help="MSD dataset folder")
     parser.add_argument("--out", type=Path, required=True, help="output folder (cases/, manifest.parquet)")
-    parser.add_argument("--settings", default="{}", help="JSON object of settings (see the module docstring)")
+    add_settings_argument(parser)  # the fields: the module docstring, checked by resolve_settings
     args = parser.parse_args(argv)
     with stage_log(parser, args):
-        try:
-            settings = json.loads(args.settings)
-        except json.JSONDecodeError as err:
-            raise InputError("--settings", f"not valid JSON: {err}") from err
-        run(args.dataset, args.out, settings)
+        run(args.dataset, args.out, args.settings)
 
 
 if __name__ == "__main__":

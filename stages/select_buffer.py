@@ -9,7 +9,6 @@ every training case with its score, rank and whether it was selected, so a reade
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,25 +21,21 @@ import pandas as pd
 from stages.core.errors import InputError, run_cli
 from stages.core.io import make_provenance, read_parquet, read_provenance, write_parquet
 from stages.core.log import stage_log
+from stages.core.settings import add_settings_argument, from_mapping, setting
 
 __all__ = ["BufferSettings", "STRATEGIES", "buffer_size", "select", "run", "main"]
 
 
 @dataclass(frozen=True)
 class BufferSettings:
-    """Settings of the buffer selection.
+    """Settings of the buffer selection (defaults: the schema's, for direct callers)."""
 
-    Attributes:
-        strategy: ``mds`` (lowest mean SSL loss) or ``random`` (ablation).
-        fraction: K as a fraction of the task's training cases (methods.md default 10 %, ours).
-        minimum: K is at least this (methods.md default 2, ours), and at most the number of cases.
-        seed: seed of the ``random`` strategy.
-    """
-
-    strategy: str = "mds"
-    fraction: float = 0.1
-    minimum: int = 2
-    seed: int = 0
+    strategy: str = setting("mds", help="mds (lowest mean SSL loss) or random (ablation); the method decides")
+    fraction: float = setting(0.1, help="K as a fraction of the task's training cases (methods.md default 10 %, ours)",
+                              schema="medseqft.buffer_fraction")
+    minimum: int = setting(2, help="K is at least this (methods.md default 2, ours), and at most the number of cases",
+                           schema="medseqft.buffer_min")
+    seed: int = setting(0, help="seed of the random strategy", schema="seed")
 
 
 def buffer_size(n_cases: int, fraction: float, minimum: int) -> int:
@@ -91,7 +86,7 @@ def run(scores: Path, task: str, out: Path, settings: dict[str, Any]) -> None:
     missing = {"case", "split", "mean", "std", "scorer"} - set(table.columns)
     if missing:
         raise InputError(scores, f"lacks columns {sorted(missing)}")
-    cfg = BufferSettings(**settings)
+    cfg = from_mapping(BufferSettings, settings, "select_buffer")
     chosen = select(table, cfg)
     chosen.insert(0, "task", task)
     prov = make_provenance(
@@ -106,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--scores", type=Path, required=True, help="ssl.parquet of the task")
     parser.add_argument("--task", required=True, help="task name")
     parser.add_argument("--out", type=Path, required=True, help="buffer Parquet to write")
-    parser.add_argument("--settings", type=json.loads, default={}, help="JSON object of BufferSettings")
+    add_settings_argument(parser, BufferSettings)
     args = parser.parse_args(argv)
     with stage_log(parser, args):
         run(args.scores, args.task, args.out, args.settings)

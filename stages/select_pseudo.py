@@ -25,8 +25,8 @@ every true label.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,20 +50,38 @@ from stages.core.inference import predict_probabilities, resolve_device
 from stages.core.io import make_provenance, save_npy, sha256_file, write_parquet
 from stages.core.log import stage_log
 from stages.core.nets import load_model, model_id
+from stages.core.settings import add_settings_argument, from_mapping, setting
 
-__all__ = ["DEFAULT_SETTINGS", "MODES", "PSEUDO_SCHEMA", "run", "main"]
+__all__ = ["MODES", "PSEUDO_SCHEMA", "PseudoSettings", "run", "main"]
 
 MODES = ("selective", "all", "none")
 
-DEFAULT_SETTINGS: dict[str, Any] = {
-    "mode": "selective",  # "selective" (ASSFT), "all" (every pseudo-label), "none" (no semi-supervision)
-    "q": 0.5,  # kept fraction of each criterion (methods.md: 50 %)
-    "patch_size": None,  # sliding-window size (the training patch); needed unless mode is none
-    "overlap": 0.5,
-    "sw_batch_size": 4,
-    "device": "cpu",
-    "image_link": "symlink",  # "symlink" (relative) or "copy"
-}
+
+
+@dataclass(frozen=True, kw_only=True)
+class PseudoSettings:
+    """The settings of a pseudo-label selection job."""
+
+    mode: str = setting(help="selective (ASSFT), all (every pseudo-label) or none (no semi-supervision)",
+                        schema="assft.semi")
+    q: float = setting(help="kept fraction of each criterion, in (0, 1]", schema="assft.q")
+    patch_size: list[int] | None = setting(help="sliding-window size (the training patch); needed unless mode is none",
+                                           schema="train.patch_size")
+    overlap: float = setting(help="sliding-window overlap", schema="inference.overlap")
+    sw_batch_size: int = setting(help="windows per forward pass", schema="inference.sw_batch_size")
+    device: str = setting(help="cpu, cuda or cuda:N", schema="device")
+    image_link: str = setting("symlink", help="how images enter the pseudo-label folder: symlink (relative) or copy")
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise InputError("settings.mode", f"must be one of {list(MODES)}, got {self.mode!r}")
+        if not 0.0 < self.q <= 1.0:
+            raise InputError("settings.q", f"must be a fraction in (0, 1], got {self.q!r}")
+        if self.mode != "none" and self.patch_size is None:
+            raise InputError("settings.patch_size", "is needed to predict the unlabelled cases (the training patch size)")
+        if self.image_link not in IMAGE_LINK_MODES:
+            raise InputError("settings.image_link",
+                             f"must be one of {list(IMAGE_LINK_MODES)}, got {self.image_link!r}")
 
 PSEUDO_SCHEMA = pa.schema(
     [
@@ -82,23 +100,6 @@ PSEUDO_SCHEMA = pa.schema(
         ("pseudo_sha256", pa.string()),
     ]
 )
-
-
-def _resolve(settings: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(settings) - set(DEFAULT_SETTINGS))
-    if unknown:
-        raise InputError("settings", f"unknown select_pseudo settings {unknown}; known: {sorted(DEFAULT_SETTINGS)}")
-    cfg = {**DEFAULT_SETTINGS, **dict(settings)}
-    if cfg["mode"] not in MODES:
-        raise InputError("settings.mode", f"must be one of {list(MODES)}, got {cfg['mode']!r}")
-    q = cfg["q"]
-    if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 < q <= 1.0:
-        raise InputError("settings.q", f"must be a fraction in (0, 1], got {q!r}")
-    if cfg["mode"] != "none" and cfg["patch_size"] is None:
-        raise InputError("settings.patch_size", "is needed to predict the unlabelled cases (the training patch size)")
-    if cfg["image_link"] not in IMAGE_LINK_MODES:
-        raise InputError("settings.image_link", f"must be one of {list(IMAGE_LINK_MODES)}, got {cfg['image_link']!r}")
-    return cfg
 
 
 def _f(value: float) -> float | None:
@@ -123,10 +124,10 @@ def run(
         labelled: the round's ``labelled.parquet`` (from ``stages.annotate``).
         features: M0's pooled features of the task (``scores/{task}/features.parquet``).
         out: the pseudo-label folder to (re)create.
-        settings: see :data:`DEFAULT_SETTINGS`.
+        settings: see :class:`PseudoSettings`.
     """
     model_dir, data, labelled, features, out = map(Path, (model_dir, data, labelled, features, out))
-    cfg = _resolve(settings)
+    cfg = from_mapping(PseudoSettings, settings, "select_pseudo", "settings", noun="select_pseudo settings")
     manifest_path = data / "manifest.parquet"
     if not manifest_path.is_file():
         raise InputError(manifest_path, "missing: preprocess the task first")
@@ -144,10 +145,10 @@ def run(
     if absent:
         raise InputError(data / "cases", f"missing preprocessed images of {absent[:10]}")
 
-    predict = cfg["mode"] != "none" and bool(cases)
-    mid = model_id(model_dir) if cfg["mode"] != "none" else None
+    predict = cfg.mode != "none" and bool(cases)
+    mid = model_id(model_dir) if cfg.mode != "none" else None
     model = None
-    device = resolve_device(cfg["device"])
+    device = resolve_device(cfg.device)
     if predict:
         model = load_model(model_dir)
         if task not in model.seg_heads:
@@ -164,15 +165,15 @@ def run(
             assert model is not None
             for i, case in enumerate(tqdm(cases, desc=f"pseudo-labels {task}", mininterval=2)):
                 image = np.load(data / "cases" / f"{case}.npy")  # whole volume: inference reads all of it
-                probs = predict_probabilities(model, task, image, cfg["patch_size"], cfg["overlap"],
-                                              cfg["sw_batch_size"], device)
+                probs = predict_probabilities(model, task, image, cfg.patch_size, cfg.overlap,
+                                              cfg.sw_batch_size, device)
                 confidence[i], empty[i], label = foreground_confidence(probs)
                 fg_voxels[i] = int(np.count_nonzero(label))
                 # written now, removed below if not kept: memory stays at one volume
                 save_npy(label, folder / "cases" / f"{case}_seg.npy")
-        if cfg["mode"] == "selective":
-            kept, reasons, c_thr, e_thr = selective_keep(confidence, distance, float(cfg["q"]), never=empty)
-        elif cfg["mode"] == "all":
+        if cfg.mode == "selective":
+            kept, reasons, c_thr, e_thr = selective_keep(confidence, distance, float(cfg.q), never=empty)
+        elif cfg.mode == "all":
             kept = ~empty
             reasons = ["empty prediction" if e else "mode all" for e in empty]
             c_thr = e_thr = float("nan")
@@ -182,7 +183,7 @@ def run(
         for i, case in enumerate(cases):
             seg_path = folder / "cases" / f"{case}_seg.npy"
             if kept[i]:
-                link_file(data / "cases" / f"{case}.npy", folder / "cases" / f"{case}.npy", cfg["image_link"])
+                link_file(data / "cases" / f"{case}.npy", folder / "cases" / f"{case}.npy", cfg.image_link)
                 digests.append(sha256_file(seg_path))
             else:
                 seg_path.unlink(missing_ok=True)
@@ -199,8 +200,8 @@ def run(
                 "reason": reasons,
                 "confidence_threshold": [_f(c_thr)] * n,
                 "distance_threshold": [_f(e_thr)] * n,
-                "q": [float(cfg["q"])] * n,
-                "mode": [cfg["mode"]] * n,
+                "q": [float(cfg.q)] * n,
+                "mode": [cfg.mode] * n,
                 "model_id": [mid] * n,
                 "pseudo_sha256": digests,
             },
@@ -208,7 +209,7 @@ def run(
         )
         inputs = [manifest_path, labelled, features] + ([model_dir / "model.safetensors"] if mid else [])
         prov = make_provenance(
-            "select_pseudo", dict(settings), inputs=inputs, task=task, mode=cfg["mode"], q=float(cfg["q"]),
+            "select_pseudo", dict(settings), inputs=inputs, task=task, mode=cfg.mode, q=float(cfg.q),
             model_id=mid, kept=[c for c, k in zip(cases, kept) if k], labelled=sorted(labelled_cases),
         )
         write_parquet(table, folder / "pseudo.parquet", prov)
@@ -224,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--labelled", type=Path, required=True, help="the round's labelled.parquet")
     parser.add_argument("--features", type=Path, required=True, help="M0 pooled features (features.parquet)")
     parser.add_argument("--out", type=Path, required=True, help="pseudo-label folder to write")
-    parser.add_argument("--settings", type=json.loads, default={}, help="JSON object (see DEFAULT_SETTINGS)")
+    add_settings_argument(parser, PseudoSettings)
     args = parser.parse_args(argv)
     with stage_log(parser, args):
         run(args.model, args.task, args.data, args.labelled, args.features, args.out, args.settings)

@@ -8,8 +8,8 @@ distance of the pooled encoder feature to M0's pre-training feature statistics, 
 from __future__ import annotations
 
 import argparse
-import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,22 @@ from stages.core.inference import resolve_device
 from stages.core.io import load_safetensors, make_provenance, read_json, read_parquet, write_parquet
 from stages.core.log import stage_log
 from stages.core.nets import load_model, model_id
+from stages.core.settings import add_settings_argument, from_mapping, setting
 from stages.core.ssl import SCORE_COLUMNS, mahalanobis, pooled_case_feature, score_cases
 
-__all__ = ["run", "main"]
+__all__ = ["ScoreSettings", "run", "main"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoreSettings:
+    """The settings of an SSL scoring job (the ``scoring`` section and the foundation's SSL settings)."""
+
+    passes: int = setting(help="R, stochastic passes averaged per case", schema="scoring.passes")
+    batch: int = setting(help="passes run together in one batch", schema="scoring.batch")
+    ssl: dict[str, Any] = setting(help="the foundation's SSL settings (patch_size, mask_ratio, mask_patch, ...)",
+                                  schema="foundation.ssl")
+    seed: int = setting(help="seeds the passes' crops, masks and rotations", schema="seed")
+    device: str = setting(help="cpu, cuda or cuda:N", schema="device")
 
 COLUMNS = ["case", "split", *SCORE_COLUMNS[1:]]
 
@@ -44,7 +57,7 @@ class _Sized:
         return self.n
 
 
-def run(model_dir: Path, data: Path, out: Path, settings: dict[str, Any]) -> None:
+def run(model_dir: Path, data: Path, out: Path, settings: Mapping[str, Any]) -> None:
     """Write ``out`` (Parquet): case, split, mean, std, sem, half_a, half_b, split_half_r, R, scorer.
 
     ``scorer`` is ``ssl`` or ``feature_fallback``. Reliability of the SSL score: ``sem`` is the standard
@@ -57,24 +70,25 @@ def run(model_dir: Path, data: Path, out: Path, settings: dict[str, Any]) -> Non
         model_dir: the foundation model folder (M0).
         data: a preprocessed task folder.
         out: the Parquet file to write.
-        settings: ``passes`` (R), ``batch``, ``seed``, ``ssl`` (patch_size, mask_ratio, mask_patch),
-            ``device``.
+        settings: see :class:`ScoreSettings`.
     """
-    device = resolve_device(settings.get("device", "cpu"))
+    conf = from_mapping(ScoreSettings, settings, "ssl_scores")
+    settings = dict(settings)
+    device = resolve_device(conf.device)
     manifest_path = data / "manifest.parquet"
     if not manifest_path.is_file():
         raise InputError(manifest_path, "missing: preprocess the task first")
     manifest = read_parquet(manifest_path)
     model = load_model(model_dir).to(device).eval()
     has_heads = bool(read_json(model_dir / "model.json").get("has_ssl_heads", True))
-    ssl = settings["ssl"]
+    ssl = conf.ssl
     volumes = ((c, np.load(data / "cases" / f"{c}.npy", mmap_mode="r")) for c in manifest["case"])
     if has_heads:
         scores = score_cases(
             model, _Sized(((c, torch.from_numpy(np.array(v))) for c, v in volumes), len(manifest)),
-            R=settings["passes"],
+            R=conf.passes,
             patch_size=ssl["patch_size"], mask_ratio=ssl["mask_ratio"], mask_patch=ssl["mask_patch"],
-            seed=int(settings.get("seed", 0)), batch=settings["batch"],
+            seed=conf.seed, batch=conf.batch,
         )
         inputs = [model_dir / "model.safetensors", manifest_path]
     else:
@@ -90,7 +104,7 @@ def run(model_dir: Path, data: Path, out: Path, settings: dict[str, Any]) -> Non
         inputs = [model_dir / "model.safetensors", stats_path, manifest_path]
     reliability = {k: (None if not np.isfinite(v) else v) for k, v in scores.attrs.get("reliability", {}).items()}
     scores = scores.merge(manifest[["case", "split"]], on="case")[COLUMNS]
-    prov = make_provenance("ssl_scores", settings, inputs=inputs, seed=settings.get("seed"),
+    prov = make_provenance("ssl_scores", settings, inputs=inputs, seed=conf.seed,
                            model_id=model_id(model_dir), scorer=str(scores["scorer"].iloc[0]) if len(scores) else None,
                            split_half=reliability or None)
     write_parquet(scores, out, prov)
@@ -101,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, required=True, help="foundation model folder")
     parser.add_argument("--data", type=Path, required=True, help="preprocessed task folder")
     parser.add_argument("--out", type=Path, required=True, help="Parquet file to write")
-    parser.add_argument("--settings", type=json.loads, default={}, help="JSON object of settings")
+    add_settings_argument(parser, ScoreSettings)
     args = parser.parse_args(argv)
     with stage_log(parser, args):
         run(args.model, args.data, args.out, args.settings)

@@ -19,8 +19,9 @@ they resemble the pool; every drawn parameter is recorded in ``dataset.json`` un
 
 Determinism: case ``i`` of dataset ``d`` draws from ``numpy.random.default_rng([seed, key(d), i])``,
 so adding cases leaves earlier ones unchanged; NIfTI files are gzip-compressed with ``mtime=0`` and no
-file name, so a rerun with the same seed gives byte-identical files. The datasets are built in a
-temporary sibling folder and renamed into place, so a killed run leaves no half-written dataset.
+file name, so a rerun with the same seed gives byte-identical files. Each dataset is built in a
+temporary sibling folder and swapped into place whole (:func:`stages.core.io.build_folder`), so a
+killed run leaves no half-written dataset.
 """
 
 from __future__ import annotations
@@ -28,11 +29,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
-import json
-import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,8 +44,9 @@ from scipy.spatial.transform import Rotation
 from tqdm import tqdm
 
 from stages.core.errors import InputError, run_cli
-from stages.core.io import atomic_path, make_provenance, save_json
+from stages.core.io import atomic_path, build_folder, make_provenance, save_json
 from stages.core.log import stage_log
+from stages.core.settings import add_settings_argument
 
 __all__ = [
     "CT_AXCODES",
@@ -611,23 +609,6 @@ def _write_dataset(spec: _TaskSpec, folder: Path, settings: Mapping[str, Any], p
     return {"cases": n_cases, "modality": spec.modality, "labels": spec.labels}
 
 
-def _commit(staging: Path, out_dir: Path) -> None:
-    """Move the finished datasets from ``staging`` into ``out_dir``, each folder swapped by renames."""
-    if not out_dir.exists():
-        os.replace(staging, out_dir)
-        return
-    for name in (*DATASETS, "synth.json"):
-        src, dst = staging / name, out_dir / name
-        if src.is_dir() and dst.exists():
-            # No atomic directory exchange in POSIX: move the old one aside, then the new one in.
-            trash = staging / f".old-{name}"
-            os.replace(dst, trash)
-            os.replace(src, dst)
-            shutil.rmtree(trash)
-        else:
-            os.replace(src, dst)
-
-
 def run(out_dir: Path, settings: Mapping[str, Any] | None = None) -> None:
     """Write the demo datasets (:data:`DATASETS`) and ``synth.json`` under ``out_dir``.
 
@@ -643,43 +624,34 @@ def run(out_dir: Path, settings: Mapping[str, Any] | None = None) -> None:
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(out_dir, "exists and is not a folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700; the renamed folder should look normal
-        total = 4 * resolved["cases_per_task"] + resolved["pool_cases"]
-        summary: dict[str, Any] = {}
-        with tqdm(total=total, desc="synth", unit="case", file=sys.stderr) as progress:
-            for name in DATASETS:
-                summary[name] = _write_dataset(_TASKS[name], staging / name, resolved, progress)
-        save_json(
-            {
-                "settings": resolved,
-                "datasets": summary,
-                "provenance": make_provenance("synth", resolved, seed=resolved["seed"]),
-            },
-            staging / "synth.json",
-        )
-        _commit(staging, out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    total = 4 * resolved["cases_per_task"] + resolved["pool_cases"]
+    summary: dict[str, Any] = {}
+    with tqdm(total=total, desc="synth", unit="case", file=sys.stderr) as progress:
+        for name in DATASETS:
+            # each dataset is built aside and swapped in whole (stages.core.io.build_folder); the
+            # record, Snakemake's output, is written last
+            summary[name] = build_folder(
+                out_dir / name, lambda folder, name=name: _write_dataset(_TASKS[name], folder, resolved, progress)
+            )
+    save_json(
+        {
+            "settings": resolved,
+            "datasets": summary,
+            "provenance": make_provenance("synth", resolved, seed=resolved["seed"]),
+        },
+        out_dir / "synth.json",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line: ``python -m stages.synth --out DIR [--settings JSON]``."""
     parser = argparse.ArgumentParser(prog="python -m stages.synth", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder to write the MSD datasets into")
-    parser.add_argument("--settings", default="{}", help="JSON object: seed, shape, cases_per_task, pool_cases")
+    add_settings_argument(parser)  # seed, shape, cases_per_task, pool_cases (resolve_settings)
     args = parser.parse_args(argv)
     with stage_log(parser, args):
-        try:
-            settings = json.loads(args.settings)
-        except json.JSONDecodeError as err:
-            raise InputError("--settings", f"not valid JSON: {err}") from None
-        run(args.out, settings)
+        run(args.out, args.settings)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,13 +46,106 @@ from stages.core.losses import (
 from stages.core.lora import add_lora, count_trainable, lora_param_groups, lora_targets, save_adapter, teacher_svd_init
 from stages.core.nets import FoundationNet, load_model, model_id, save_model, seed_from
 from stages.core.sampling import CaseStore, PatchSampler
+from stages.core.settings import add_settings_argument, from_mapping, setting
 from stages.core.trainer import Trainer, TrainSettings
 
-__all__ = ["RECIPES", "Job", "run", "main"]
+__all__ = [
+    "RECIPES",
+    "RECIPE_SETTINGS",
+    "Job",
+    "LoraSettings",
+    "RetentionSettings",
+    "SemiSettings",
+    "TrainJobSettings",
+    "run",
+    "main",
+]
 
 log = logging.getLogger("stages.train")
 
 StepFn = Callable[[torch.nn.Module, int, torch.Generator], dict[str, torch.Tensor]]
+
+
+# ----------------------------------------------------------------------------------- settings contract
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainJobSettings:
+    """The settings of every training job: the ``train`` config section (less ``threads``) and where it runs.
+
+    No field has a default: the pipeline passes every one from the config, whose schema holds the defaults.
+    """
+
+    patch_size: list[int] = setting(help="training patch (voxels); also the validation window", schema="train.patch_size")
+    batch_size: int = setting(help="patches per step", schema="train.batch_size")
+    steps: int = setting(help="optimiser updates", schema="train.steps")
+    lr: float = setting(help="peak AdamW learning rate", schema="train.lr")
+    weight_decay: float = setting(help="AdamW weight decay", schema="train.weight_decay")
+    warmup_steps: int = setting(help="linear warm-up updates before the cosine decay", schema="train.warmup_steps")
+    fg_ratio: float = setting(help="share of patches centred on a foreground voxel", schema="train.fg_ratio")
+    checkpoint_every: int = setting(help="updates between resumable checkpoints", schema="train.checkpoint_every")
+    val_every: int = setting(help="updates between validation Dice scores (0 = keep the final model)",
+                             schema="train.val_every")
+    amp: bool = setting(help="mixed precision on CUDA", schema="train.amp")
+    overlap: float = setting(help="sliding-window overlap of the validation", schema="inference.overlap")
+    seed: int = setting(help="seeds the head initialisation, the sampling and the buffer draws", schema="seed")
+    device: str = setting(help="cpu, cuda or cuda:N", schema="device")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraSettings:
+    """PEFT LoRA of the retention stage (``medseqft.lora`` plus ``enabled``, which the method decides)."""
+
+    rank: int = setting(help="LoRA rank r", schema="medseqft.lora.rank")
+    alpha: float = setting(help="LoRA alpha (update scaled by alpha / r)", schema="medseqft.lora.alpha")
+    dropout: float = setting(help="LoRA dropout", schema="medseqft.lora.dropout")
+    targets: list[str] | None = setting(help="regular expressions of module names to adapt; None = the defaults",
+                                        schema="medseqft.lora.targets")
+    lr: float | None = setting(help="peak learning rate of the LoRA factors; None = 10 x lr", schema="medseqft.lora.lr")
+    init: str = setting(help="zero or teacher_svd", schema="medseqft.lora.init")
+    train_norms: bool = setting(help="also train the norm layers' affine parameters", schema="medseqft.lora.train_norms")
+    train_biases: bool = setting(help="also train every bias", schema="medseqft.lora.train_biases")
+    enabled: bool = setting(help="LoRA on (false: every weight trains, the no-LoRA ablation)")
+
+    def __post_init__(self) -> None:
+        if self.init not in ("zero", "teacher_svd"):
+            raise InputError("medseqft.lora.init", f"must be 'zero' or 'teacher_svd', got {self.init!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetentionSettings(TrainJobSettings):
+    """The retention recipe (K&G RFT's retention stage, parallel LoRA, the ablations): ``medseqft`` keys."""
+
+    lora: LoraSettings = setting(help="PEFT LoRA settings")
+    kd_kind: str = setting(help="kl or mse", schema="medseqft.kd_kind")
+    kd_temperature: float = setting(help="softmax temperature of the KL distillation", schema="medseqft.kd_temperature")
+    kd_weight: float = setting(help="lambda_k (0 without a teacher)", schema="medseqft.kd_weight")
+    kd_mask: str = setting(help="none or foreground", schema="medseqft.kd_mask")
+    kd_dilation: int = setting(help="dilation (voxels) of the teacher's foreground", schema="medseqft.kd_dilation")
+    kd_background_share: float = setting(help="share of the KD weight on the background",
+                                         schema="medseqft.kd_background_share")
+    retention_weight: float = setting(help="lambda_g (0 without buffers)", schema="medseqft.retention_weight")
+    retention_levels: str = setting(help="all or deepest", schema="medseqft.retention_levels")
+    retention_scale: str = setting(help="channel or none", schema="medseqft.retention_scale")
+    lwf_weight: float = setting(help="lambda_o, output-level retention (0 without buffers)", schema="medseqft.lwf_weight")
+    grad_log_every: int = setting(help="steps between per-term gradient norms in the log (0 = never)",
+                                  schema="medseqft.grad_log_every")
+    buffer_batch_size: int = setting(help="buffer patches per step", schema="medseqft.buffer_batch_size")
+
+    def __post_init__(self) -> None:
+        checks = [("kd_kind", ("kl", "mse")), ("kd_mask", ("none", "foreground")),
+                  ("retention_levels", ("all", "deepest")), ("retention_scale", ("channel", "none"))]
+        for key, allowed in checks:
+            if getattr(self, key) not in allowed:
+                raise InputError(f"medseqft.{key}", f"must be one of {list(allowed)}, got {getattr(self, key)!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SemiSettings(TrainJobSettings):
+    """ASSFT's selective semi-supervised fine-tuning."""
+
+    pseudo_weight: float = setting(help="lambda_u, weight of the pseudo-label loss", schema="assft.pseudo_weight")
+    pseudo_batch_size: int | None = setting(None, help="pseudo-labelled patches per step; None = batch_size")
 
 
 @dataclass
@@ -64,7 +156,8 @@ class Job:
     tasks: list[str]
     data: list[Path]
     manifests: list[Any]
-    settings: dict[str, Any]
+    settings: Any
+    """The recipe's settings dataclass (:data:`RECIPE_SETTINGS`)."""
     device: torch.device
     teacher: FoundationNet | None = None
     buffers: list[tuple[Path, list[str]]] = field(default_factory=list)
@@ -100,18 +193,18 @@ def _cases(manifest: Any, split: str) -> list[str]:
     return manifest.loc[manifest["split"] == split, "case"].tolist()
 
 
-def _sampler(data: Path, cases: list[str], s: dict[str, Any], with_labels: bool = True, batch: int | None = None) -> PatchSampler:
+def _sampler(data: Path, cases: list[str], s: TrainJobSettings, with_labels: bool = True, batch: int | None = None) -> PatchSampler:
     if not cases:
         raise InputError(data / "manifest.parquet", "has no training cases")
     return PatchSampler(
         CaseStore(data / "cases", cases, with_labels=with_labels),
-        patch_size=s["patch_size"],
-        batch_size=batch or s["batch_size"],
-        fg_ratio=s["fg_ratio"] if with_labels else 0.0,
+        patch_size=s.patch_size,
+        batch_size=batch or s.batch_size,
+        fg_ratio=s.fg_ratio if with_labels else 0.0,
     )
 
 
-def _dice_validator(net: torch.nn.Module, task: str, data: Path, cases: Sequence[str], s: dict[str, Any], device: torch.device) -> Callable[[torch.nn.Module], float]:
+def _dice_validator(net: torch.nn.Module, task: str, data: Path, cases: Sequence[str], s: TrainJobSettings, device: torch.device) -> Callable[[torch.nn.Module], float]:
     """Mean foreground Dice over the validation cases on the preprocessed grid: the best-checkpoint criterion."""
     from monai.metrics import compute_dice
 
@@ -120,7 +213,7 @@ def _dice_validator(net: torch.nn.Module, task: str, data: Path, cases: Sequence
         for case in cases:
             image = np.load(data / "cases" / f"{case}.npy", mmap_mode="r")
             seg = torch.from_numpy(np.load(data / "cases" / f"{case}_seg.npy")).long()  # read in full: writable
-            probs = predict_probabilities(net, task, image, s["patch_size"], s.get("overlap", 0.5), 4, device)
+            probs = predict_probabilities(net, task, image, s.patch_size, s.overlap, 4, device)
             k = probs.shape[0]
             pred = torch.from_numpy(probs.argmax(0)).long()
             onehot = [torch.nn.functional.one_hot(t, k).permute(3, 0, 1, 2)[None] for t in (pred, seg)]
@@ -133,7 +226,7 @@ def _dice_validator(net: torch.nn.Module, task: str, data: Path, cases: Sequence
 
 def _maybe_validator(net: torch.nn.Module, job: Job, i: int = 0) -> Callable[[torch.nn.Module], float] | None:
     val_cases = _cases(job.manifests[i], "val")
-    if job.settings.get("val_every", 0) > 0 and val_cases:
+    if job.settings.val_every > 0 and val_cases:
         return _dice_validator(net, job.tasks[i], job.data[i], val_cases, job.settings, job.device)
     return None
 
@@ -230,23 +323,6 @@ class _FeatureTap:
         return out
 
 
-def _retention_settings(s: dict[str, Any]) -> dict[str, Any]:
-    """The retention recipe's settings with their defaults (workflow/schemas/config.schema.yaml, medseqft)."""
-    lora = {"rank": 8, "alpha": 8, "dropout": 0.0, "targets": None, "enabled": True, "lr": None,
-            "init": "zero", "train_norms": False, "train_biases": False, **(s.get("lora") or {})}
-    if lora["init"] not in ("zero", "teacher_svd"):
-        raise InputError("medseqft.lora.init", f"must be 'zero' or 'teacher_svd', got {lora['init']!r}")
-    out = {"kd_kind": "kl", "kd_temperature": 2.0, "kd_weight": 0.0, "kd_mask": "foreground", "kd_dilation": 2,
-           "kd_background_share": 0.2, "retention_weight": 0.0, "retention_levels": "all",
-           "retention_scale": "channel", "lwf_weight": 0.5, "grad_log_every": 10, **s, "lora": lora}
-    checks = [("kd_mask", ("none", "foreground")), ("retention_levels", ("all", "deepest")),
-              ("retention_scale", ("channel", "none"))]
-    for key, allowed in checks:
-        if out[key] not in allowed:
-            raise InputError(f"medseqft.{key}", f"must be one of {list(allowed)}, got {out[key]!r}")
-    return out
-
-
 def recipe_retention(job: Job) -> Plan:
     """K&G RFT retention stage (methods.md §1 step 2): LoRA on frozen M_{t-1}, KD to T_t, retention on buffers.
 
@@ -261,14 +337,14 @@ def recipe_retention(job: Job) -> Plan:
     holds ``grad_<term>``: the gradient norm of each weighted term w.r.t. the trainable parameters.
     """
     model, task = job.model, job.tasks[0]
-    s = _retention_settings(job.settings)
-    lora = s["lora"]
-    kd_weight = float(s["kd_weight"]) if job.teacher is not None else 0.0
-    ret_weight = float(s["retention_weight"]) if job.buffers else 0.0
+    s: RetentionSettings = job.settings
+    lora = s.lora
+    kd_weight = float(s.kd_weight) if job.teacher is not None else 0.0
+    ret_weight = float(s.retention_weight) if job.buffers else 0.0
     buffer_tasks = job.buffer_tasks or [""] * len(job.buffers)
     old_heads = [t if t in model.seg_heads and t != task else None for t in buffer_tasks]
-    lwf_weight = float(s["lwf_weight"]) if any(old_heads) else 0.0
-    use_lora = bool(lora["enabled"])
+    lwf_weight = float(s.lwf_weight) if any(old_heads) else 0.0
+    use_lora = lora.enabled
     if job.teacher is not None:
         # ours: the student's new head starts from the teacher's, which already fits the task
         model.seg_heads[task].load_state_dict(job.teacher.seg_heads[task].state_dict())
@@ -276,30 +352,30 @@ def recipe_retention(job: Job) -> Plan:
     # the frozen M_{t-1} is a separate copy: trained biases (PEFT bias="all") change the wrapped model in
     # place, so the adapter switched off would not be M_{t-1} any more
     frozen = copy.deepcopy(model).eval().requires_grad_(False) if (ret_weight > 0 or lwf_weight > 0) else None
-    sampler = _sampler(job.data[0], _cases(job.manifests[0], "train"), job.settings)
+    sampler = _sampler(job.data[0], _cases(job.manifests[0], "train"), s)
     buffer_samplers = [
-        _sampler(d, cases, job.settings, with_labels=False, batch=s.get("buffer_batch_size", s["batch_size"]))
+        _sampler(d, cases, s, with_labels=False, batch=s.buffer_batch_size)
         for d, cases in job.buffers
     ]
     loss_fn = segmentation_loss()
-    lr = float(s["lr"])
-    lora_lr = float(lora["lr"]) if lora["lr"] is not None else 10.0 * lr
+    lr = float(s.lr)
+    lora_lr = float(lora.lr) if lora.lr is not None else 10.0 * lr
     params: list[Any]
     if use_lora:
-        start = copy.deepcopy(model) if (lora["init"] == "teacher_svd" and job.teacher is not None) else None
-        patterns = lora["targets"]
-        net = add_lora(model, rank=lora["rank"], alpha=lora["alpha"],
+        start = copy.deepcopy(model) if (lora.init == "teacher_svd" and job.teacher is not None) else None
+        patterns = lora.targets
+        net = add_lora(model, rank=lora.rank, alpha=lora.alpha,
                        targets=lora_targets(model, include=patterns) if patterns else None,
-                       dropout=lora["dropout"], train_heads=[task], seed=int(s.get("seed", 0)),
-                       train_norms=bool(lora["train_norms"]), train_biases=bool(lora["train_biases"]))
+                       dropout=lora.dropout, train_heads=[task], seed=s.seed,
+                       train_norms=lora.train_norms, train_biases=lora.train_biases)
         if start is not None:
             errors = teacher_svd_init(net, start, job.teacher)
             del start
             log.info("LoRA pairs start from the rank-%d SVD of the teacher's change (relative error: median %.3f, "
-                     "max %.3f over %d layers)", lora["rank"], float(np.median(list(errors.values()))),
+                     "max %.3f over %d layers)", lora.rank, float(np.median(list(errors.values()))),
                      max(errors.values()), len(errors))
             _copy_trained_extras(net, job.teacher)
-        elif lora["init"] == "teacher_svd":
+        elif lora.init == "teacher_svd":
             log.info("lora.init teacher_svd without a teacher (parallel LoRA): LoRA starts at zero")
         params = lora_param_groups(net, lr=lr, lora_lr=lora_lr)
         flat = [p for g in params for p in g["params"]]
@@ -313,16 +389,16 @@ def recipe_retention(job: Job) -> Plan:
     trainable, total = count_trainable(net) if use_lora else (sum(p.numel() for p in flat), sum(p.numel() for p in net.parameters()))
     log.info("retention stage: %d of %d parameters trainable (LoRA %s, LoRA lr %.2g, other lr %.2g)", trainable, total,
              "on" if use_lora else "off", lora_lr if use_lora else lr, lr)
-    levels = retention_levels(model) if s["retention_levels"] == "all" else []
+    levels = retention_levels(model) if s.retention_levels == "all" else []
     student_tap = _FeatureTap(net, levels)
     frozen_tap = _FeatureTap(frozen, levels) if frozen is not None else None
-    grad_every = int(s["grad_log_every"])
+    grad_every = s.grad_log_every
 
     def features(m: torch.nn.Module, tap: _FeatureTap, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         tap.outputs = {}
         deepest, decoded = m.forward_features(x)
         extra = tap.collect()
-        if s["retention_levels"] == "deepest":
+        if s.retention_levels == "deepest":
             return [deepest], decoded
         return [*extra, deepest, decoded], decoded
 
@@ -336,9 +412,9 @@ def recipe_retention(job: Job) -> Plan:
         if kd_weight > 0:
             with torch.no_grad():
                 teacher_logits = job.teacher.segment(x, task)
-            mask = (kd_weights(teacher_logits, int(s["kd_dilation"]), float(s["kd_background_share"]))
-                    if s["kd_mask"] == "foreground" else None)
-            kd = kd_loss(logits, teacher_logits, kind=s["kd_kind"], temperature=s["kd_temperature"], mask=mask)
+            mask = (kd_weights(teacher_logits, s.kd_dilation, float(s.kd_background_share))
+                    if s.kd_mask == "foreground" else None)
+            kd = kd_loss(logits, teacher_logits, kind=s.kd_kind, temperature=s.kd_temperature, mask=mask)
             weighted["kd"] = kd_weight * kd
             terms["kd"] = kd.detach()
         if ret_weight > 0 or lwf_weight > 0:
@@ -346,14 +422,14 @@ def recipe_retention(job: Job) -> Plan:
             # the buffer draws come from their own stream, derived from (seed, step) so that a resumed
             # run needs no extra state: the task's patches are then the same with or without a buffer,
             # and the buffer ablations differ from MedSeqFT by the retention terms alone
-            buffer_generator = torch.Generator().manual_seed(seed_from(s.get("seed", 0), "buffer", step))
+            buffer_generator = torch.Generator().manual_seed(seed_from(s.seed, "buffer", step))
             k = int(torch.randint(len(buffer_samplers), (1,), generator=buffer_generator))
             bx = buffer_samplers[k].sample(buffer_generator)["image"].to(job.device)
             student_levels, student_dec = features(n, student_tap, bx)
             with torch.no_grad():
                 frozen_levels, frozen_dec = features(frozen, frozen_tap, bx)
             if ret_weight > 0:
-                if s["retention_scale"] == "channel":
+                if s.retention_scale == "channel":
                     ret, per_level = scaled_retention_loss(student_levels, frozen_levels)
                 else:
                     ret = retention_loss(student_levels, frozen_levels)
@@ -367,7 +443,7 @@ def recipe_retention(job: Job) -> Plan:
                 if head is not None:
                     old = frozen.seg_heads[head]
                     lwf = kd_loss(n.seg_heads[head](student_dec), old(frozen_dec), kind="kl",
-                                  temperature=s["kd_temperature"])
+                                  temperature=s.kd_temperature)
                 else:  # a buffer of the current task: M_{t-1} has no head for it
                     lwf = student_dec.sum() * 0.0
                 weighted["lwf"] = lwf_weight * lwf
@@ -414,13 +490,14 @@ def recipe_semisupervised(job: Job) -> Plan:
     (``pseudo_batch_size``, default ``batch_size``) from the same generator. With no kept case it is
     plain fine-tuning on L.
     """
-    model, task, s = job.model, job.tasks[0], job.settings
+    model, task = job.model, job.tasks[0]
+    s: SemiSettings = job.settings
     sampler = _sampler(job.data[0], _cases(job.manifests[0], "train"), s)
-    pseudo_weight = float(s.get("pseudo_weight", 0.5))
+    pseudo_weight = float(s.pseudo_weight)
     pseudo_sampler = None
     if job.pseudo is not None and job.pseudo[1] and pseudo_weight > 0:
         folder, kept = job.pseudo
-        pseudo_sampler = _sampler(folder, kept, s, batch=s.get("pseudo_batch_size", s["batch_size"]))
+        pseudo_sampler = _sampler(folder, kept, s, batch=s.pseudo_batch_size or s.batch_size)
     else:
         log.info("semisupervised: no pseudo-labelled case kept (or λ_u = 0): fine-tuning on the labelled set only")
     loss_fn = segmentation_loss()
@@ -449,6 +526,14 @@ RECIPES: dict[str, Callable[[Job], Plan]] = {
     "semisupervised": recipe_semisupervised,
 }
 
+#: The settings contract of each recipe: its ``--settings`` must hold exactly these dataclass fields.
+RECIPE_SETTINGS: dict[str, type[TrainJobSettings]] = {
+    "finetune": TrainJobSettings,
+    "retention": RetentionSettings,
+    "multitask": TrainJobSettings,
+    "semisupervised": SemiSettings,
+}
+
 
 def run(
     recipe: str,
@@ -457,7 +542,7 @@ def run(
     tasks: Sequence[str],
     out: Path,
     work: Path,
-    settings: dict[str, Any],
+    settings: Mapping[str, Any],
     teacher: Path | None = None,
     buffers: Sequence[tuple[Path, Path]] = (),
     pseudo: Path | None = None,
@@ -471,9 +556,10 @@ def run(
         tasks: task names, one per ``data`` (the segmentation heads' keys).
         out: output folder.
         work: folder for resumable state (not a declared output).
-        settings: the ``train`` config section plus ``seed``, ``device``, ``overlap`` and, for
-            ``retention``, ``lora``, ``kd_kind``, ``kd_temperature``, ``kd_weight``,
-            ``retention_weight``, ``buffer_batch_size``.
+        settings: the recipe's settings (:data:`RECIPE_SETTINGS`): the ``train`` config section plus
+            ``seed``, ``device``, ``overlap``; for ``retention`` the ``medseqft`` keys
+            (:class:`RetentionSettings`), for ``semisupervised`` ``pseudo_weight``. Unknown and missing
+            keys are refused.
         teacher: the teacher model folder T_t (``retention``).
         buffers: (buffer Parquet, preprocessed folder) pairs B_1..B_t (``retention``).
         pseudo: the pseudo-label folder of ``stages.select_pseudo`` (``semisupervised``).
@@ -484,10 +570,11 @@ def run(
         raise InputError("--task", f"give one task name per --data folder ({len(tasks)} names, {len(data)} folders)")
     if recipe != "multitask" and len(tasks) != 1:
         raise InputError("--task", f"recipe {recipe!r} trains one task, got {list(tasks)}")
-    device = resolve_device(settings.get("device", "cpu"))
+    conf = from_mapping(RECIPE_SETTINGS[recipe], settings, f"train ({recipe})")
+    device = resolve_device(conf.device)
     loaded = [_load_manifest(Path(d)) for d in data]
     model = load_model(init)
-    seed = int(settings.get("seed", 0))
+    seed = conf.seed
     heads = model.arch_config()["heads"]
     for task, (_, num_classes), d in zip(tasks, loaded, data):
         if task not in model.seg_heads:
@@ -510,7 +597,7 @@ def run(
     elif recipe == "semisupervised":
         raise InputError("--pseudo", "the semisupervised recipe needs the pseudo-label folder")
     model.to(device)
-    job = Job(model, list(tasks), [Path(d) for d in data], [m for m, _ in loaded], settings, device,
+    job = Job(model, list(tasks), [Path(d) for d in data], [m for m, _ in loaded], conf, device,
               teacher_model, buffer_cases, pseudo_job, buffer_tasks)
 
     input_files = [init / "model.safetensors"] + [Path(d) / "manifest.parquet" for d in data]
@@ -518,20 +605,21 @@ def run(
     input_files += [Path(t) for t, _ in buffers]
     input_files += [Path(pseudo) / "pseudo.parquet"] if pseudo is not None else []
     inputs = {str(p): sha256_file(p) for p in input_files}
-    job_hash = config_hash({"recipe": recipe, "tasks": list(tasks), "settings": settings, "inputs": inputs})
+    # the raw settings object, as before: the resumable state of a running job keeps its folder
+    job_hash = config_hash({"recipe": recipe, "tasks": list(tasks), "settings": dict(settings), "inputs": inputs})
     plan = RECIPES[recipe](job)
     trainer = Trainer(
         plan.net,
         plan.params,
         plan.step_fn,
         TrainSettings(
-            steps=settings["steps"],
-            lr=settings["lr"],
-            weight_decay=settings["weight_decay"],
-            warmup_steps=settings.get("warmup_steps", 0),
-            checkpoint_every=settings["checkpoint_every"],
-            val_every=settings.get("val_every", 0),
-            amp=settings.get("amp", True),
+            steps=conf.steps,
+            lr=conf.lr,
+            weight_decay=conf.weight_decay,
+            warmup_steps=conf.warmup_steps,
+            checkpoint_every=conf.checkpoint_every,
+            val_every=conf.val_every,
+            amp=conf.amp,
             device=str(device),
             seed=seed,
         ),
@@ -543,7 +631,7 @@ def run(
     result = trainer.fit()
     plan.net.load_state_dict(result.best_state)
     prov = make_provenance(
-        "train", settings, inputs=inputs, seed=seed, recipe=recipe, tasks=list(tasks), init_model=model_id(init),
+        "train", dict(settings), inputs=inputs, seed=seed, recipe=recipe, tasks=list(tasks), init_model=model_id(init),
         best_step=result.best_step,
     )
     plan.save(out, prov)
@@ -569,7 +657,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--pseudo", type=Path, default=None, help="pseudo-label folder (semisupervised)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--work", type=Path, required=True, help="folder for resumable state")
-    parser.add_argument("--settings", type=json.loads, default={}, help="JSON object of settings")
+    add_settings_argument(parser, TrainJobSettings)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (the rule's threads); default: torch's own choice")
     args = parser.parse_args(argv)

@@ -93,7 +93,7 @@ def test_oracle_reveals_only_the_queried_labels(task: dict, tmp_path: Path) -> N
     for case in others:
         (task["raw"] / "labelsTr" / f"{case}.nii.gz").unlink()
     out = tmp_path / "labelled"
-    run(_query(tmp_path / "q.parquet", picked, train), task["data"], out, {})
+    run(_query(tmp_path / "q.parquet", picked, train), task["data"], out, {"mode": "oracle"})
 
     assert _tree(out) == sorted(
         ["cases", "labelled.parquet", "manifest.parquet"]
@@ -125,9 +125,9 @@ def test_oracle_reveals_only_the_queried_labels(task: dict, tmp_path: Path) -> N
 def test_rounds_accumulate_and_a_case_is_labelled_once(task: dict, tmp_path: Path) -> None:
     train = task["train"]
     first, second = tmp_path / "r0", tmp_path / "r1"
-    run(_query(tmp_path / "q0.parquet", train[:1], train), task["data"], first, {})
+    run(_query(tmp_path / "q0.parquet", train[:1], train), task["data"], first, {"mode": "oracle"})
     rest = train[1:]
-    run(_query(tmp_path / "q1.parquet", rest[:2], rest, 1), task["data"], second, {"image_link": "copy"},
+    run(_query(tmp_path / "q1.parquet", rest[:2], rest, 1), task["data"], second, {"mode": "oracle", "image_link": "copy"},
         previous=first / "labelled.parquet")
     labelled = pd.read_parquet(second / "labelled.parquet")
     assert labelled["case"].tolist() == [train[0], *sorted(rest[:2])]
@@ -143,15 +143,15 @@ def test_rounds_accumulate_and_a_case_is_labelled_once(task: dict, tmp_path: Pat
         arrays = manifest_arrays(folder / "manifest.parquet")
         assert len(arrays) == 2 * n and all(sha256_file(folder / name) == digest for name, digest in arrays)
     with pytest.raises(InputError, match="already labelled"):
-        run(_query(tmp_path / "bad.parquet", train[:1], train, 1), task["data"], tmp_path / "r1b", {},
+        run(_query(tmp_path / "bad.parquet", train[:1], train, 1), task["data"], tmp_path / "r1b", {"mode": "oracle"},
             previous=first / "labelled.parquet")
     assert not (tmp_path / "r1b").exists()
 
 
 def test_rerun_with_another_query_leaves_no_stale_label(task: dict, tmp_path: Path) -> None:
     train, out = task["train"], tmp_path / "labelled"
-    run(_query(tmp_path / "a.parquet", train[:1], train), task["data"], out, {})
-    run(_query(tmp_path / "b.parquet", train[1:2], train), task["data"], out, {})
+    run(_query(tmp_path / "a.parquet", train[:1], train), task["data"], out, {"mode": "oracle"})
+    run(_query(tmp_path / "b.parquet", train[1:2], train), task["data"], out, {"mode": "oracle"})
     assert _tree(out / "cases") == sorted([f"{train[1]}.npy", f"{train[1]}_seg.npy"])
 
 
@@ -160,7 +160,7 @@ def test_oracle_refuses_a_label_changed_since_preprocessing(task: dict, tmp_path
     path = task["raw"] / "labelsTr" / f"{train[0]}.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((11, 12, 9), np.uint8), AFFINE), str(path))
     with pytest.raises(InputError, match="changed since preprocessing"):
-        run(_query(tmp_path / "q.parquet", train[:1], train), task["data"], tmp_path / "labelled", {})
+        run(_query(tmp_path / "q.parquet", train[:1], train), task["data"], tmp_path / "labelled", {"mode": "oracle"})
     assert not (tmp_path / "labelled").exists()
 
 

@@ -169,7 +169,8 @@ def test_ssl_scoring_progress_bar_has_a_total(tmp_path: Path, capsys: pytest.Cap
     net = FoundationNet("basicunet", arch_kwargs={"features": [4, 4, 8, 8, 16, 4]}, ssl={"patch_size": [16, 16, 16]},
                         seed=0)
     save_model(net, tmp_path / "m0", {"stage": "test"})
-    settings = {"passes": 2, "batch": 2, "seed": 0, "ssl": {"patch_size": 16, "mask_ratio": 0.3, "mask_patch": 4}}
+    settings = {"passes": 2, "batch": 2, "seed": 0, "ssl": {"patch_size": 16, "mask_ratio": 0.3, "mask_patch": 4},
+                "device": "cpu"}
     ssl_scores.run(tmp_path / "m0", data, tmp_path / "ssl.parquet", settings)
     err = capsys.readouterr().err
     assert "ssl scoring: 100%" in err and "3/3 [" in err, err[-500:]

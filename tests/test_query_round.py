@@ -19,7 +19,12 @@ from stages.query_round import QUERY_SCHEMA, STRATEGIES, main, run
 TASK = "tiny"
 POOL = [f"case_{i:02d}" for i in range(7)]
 HELD_OUT = ["case_90", "case_91"]  # val / test: never candidates
-SETTINGS = {"budget": 2, "patch_size": [16, 16, 16], "overlap": 0.25, "sw_batch_size": 2}
+SETTINGS = {"strategy": "dkd_asd", "budget": 2, "seed": 0, "options": {}, "dkd_knowledge": "winsorised",
+            "dkd_winsor_quantile": 0.9, "patch_size": [16, 16, 16], "overlap": 0.25, "sw_batch_size": 2,
+            "device": "cpu"}
+#: each strategy's options these tests start from (a test sets what it is about)
+OPTIONS = {"dkd_asd": {"weight": 0.5}, "fg_random": {"share": 1 / 3}, "coreset": {"metric": "euclidean"},
+           "mc_dropout": {"passes": 8, "dropout": 0.2, "measure": "monailabel"}}
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +63,9 @@ def task(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _run(
     task: dict[str, Path], out: Path, round_index: int, model: bool = True, labelled: bool = True, **settings
 ) -> pd.DataFrame:
-    run(task["data"], TASK, task["ssl"], task["features"], round_index, out, {**SETTINGS, **settings},
+    settings = {**SETTINGS, **settings}
+    settings["options"] = {**OPTIONS.get(settings["strategy"], {}), **settings["options"]}
+    run(task["data"], TASK, task["ssl"], task["features"], round_index, out, settings,
         labelled=task["labelled"] if labelled else None, model_dir=task["model"] if model else None)
     return pd.read_parquet(out)
 
@@ -156,10 +163,11 @@ def test_model_strategy_needs_the_model_after_round_zero(task: dict[str, Path], 
 def test_cli_writes_and_refuses(task: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["--data", str(task["data"]), "--task", TASK, "--ssl-scores", str(task["ssl"]),
             "--features", str(task["features"]), "--round", "0", "--out", str(tmp_path / "q.parquet")]
-    main([*args, "--settings", json.dumps({"strategy": "coreset", "budget": 1})])
+    coreset = {**SETTINGS, "strategy": "coreset", "options": OPTIONS["coreset"]}
+    main([*args, "--settings", json.dumps({**coreset, "budget": 1})])
     assert pd.read_parquet(tmp_path / "q.parquet")["picked"].sum() == 1
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(main, [*args, "--settings", json.dumps({"strategy": "coreset", "budget": -1})])
+        run_cli(main, [*args, "--settings", json.dumps({**coreset, "budget": -1})])
     assert exit_info.value.code == 2
     assert "settings.budget" in capsys.readouterr().err
 
@@ -242,3 +250,51 @@ def test_dkd_knowledge_winsorised_or_raw(task: dict[str, Path], tmp_path: Path) 
         _run(task, tmp_path / "x.parquet", 0, model=False, labelled=False, strategy="dkd", dkd_knowledge="max")
     with pytest.raises(InputError, match="dkd_winsor_quantile"):
         _run(task, tmp_path / "x.parquet", 0, model=False, labelled=False, strategy="dkd", dkd_winsor_quantile=0)
+
+
+def test_a_registered_toy_strategy_runs_through_query_round(
+    task: dict[str, Path], tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A new strategy is a settings dataclass, a step function and one register() call: query_round
+    dispatches to it, its options are checked by its dataclass, and its column joins the table."""
+    from dataclasses import dataclass
+
+    from stages.core.settings import setting
+    from stages.core.strategies import MODEL, Column, Strategy, dkd_step, query_schema, register
+
+    @dataclass(frozen=True)
+    class ToySettings:
+        flip: bool = setting(help="pick the smallest k first instead of the largest")
+
+    def toy_step(ctx, cfg: ToySettings):
+        base = dkd_step(ctx)
+
+        def step(remaining, picked):
+            terms = base(remaining, picked)
+            sign = -1.0 if cfg.flip else 1.0
+            terms["toy_k"] = ctx.k[remaining]
+            terms["score"] = sign * ctx.k[remaining]
+            return terms
+
+        return step
+
+    register(Strategy("toy", ToySettings, toy_step, frozenset({MODEL}),
+                      (Column("toy_k", pa.float64(), "k as the toy saw it"), Column("asd", pa.float64(), "shared"))))
+    request.addfinalizer(lambda: STRATEGIES.pop("toy"))
+    assert query_schema().names[-1] == "toy_k" and query_schema().names[:-1] == QUERY_SCHEMA.names
+    table = _run(task, tmp_path / "toy.parquet", 1, strategy="toy", options={"flip": True})
+    assert pq.read_schema(tmp_path / "toy.parquet").names == query_schema().names
+    assert table["toy_k"].notna().all() and table["asd"].notna().all()  # model scores: it declared MODEL
+    picks = table[table["picked"]].sort_values("pick_order")["case"].tolist()
+    assert picks == table.sort_values("k")["case"].head(2).tolist()  # smallest knowledge gap first
+    assert read_provenance(tmp_path / "toy.parquet")["options"] == {"flip": True}
+    # round 0 without a model: the declared model input means the DKD fallback
+    zero = _run(task, tmp_path / "toy0.parquet", 0, model=False, labelled=False, strategy="toy",
+                options={"flip": False})
+    assert zero["fallback"].eq("dkd").all() and zero["toy_k"].isna().all()
+    with pytest.raises(InputError, match=r"missing options \['flip'\]"):
+        _run(task, tmp_path / "bad.parquet", 1, strategy="toy")
+    with pytest.raises(ValueError, match="registered already"):
+        register(Strategy("toy", ToySettings, toy_step))
+    with pytest.raises(ValueError, match="is double elsewhere"):
+        register(Strategy("toy2", ToySettings, toy_step, columns=(Column("toy_k", pa.int64(), "clash"),)))

@@ -458,7 +458,8 @@ def test_assft_budget_beyond_the_pool_stops_snakemake_before_any_job(tmp_path: P
     write_parquet(manifest, data / "manifest.parquet", {"stage": "test"})
     labelled = tmp_path / "labelled.parquet"
     write_parquet(pd.DataFrame({"case": ["a", "b", "c"], "round": [0, 0, 0]}), labelled, {"stage": "test"})
-    settings = {"strategy": "random", "budget": 3, "seed": 0}
+    settings = {"strategy": "random", "budget": 3, "seed": 0, "options": {}, "dkd_knowledge": "winsorised",
+                "dkd_winsor_quantile": 0.9, "patch_size": None, "overlap": 0.5, "sw_batch_size": 4, "device": "cpu"}
     with pytest.raises(InputError) as err:
         query_round(data, "t", tmp_path / "ssl.parquet", tmp_path / "features.parquet", 1, tmp_path / "q.parquet",
                     settings, labelled=labelled)

@@ -21,7 +21,8 @@ from stages.select_pseudo import PSEUDO_SCHEMA, run
 TASK = "tiny"
 POOL = [f"case_{i:02d}" for i in range(8)]
 LABELLED = POOL[:2]
-SETTINGS = {"patch_size": [16, 16, 16], "overlap": 0.25, "sw_batch_size": 2}
+SETTINGS = {"mode": "selective", "q": 0.5, "patch_size": [16, 16, 16], "overlap": 0.25, "sw_batch_size": 2,
+            "device": "cpu"}
 
 
 # ------------------------------------------------------------------------------------------------ rule

@@ -23,6 +23,15 @@ from stages.core.nets import FoundationNet, load_model, save_model
 SETTINGS = {
     "patch_size": [16, 16, 16], "batch_size": 2, "steps": 6, "lr": 0.002, "weight_decay": 1e-5, "fg_ratio": 0.5,
     "checkpoint_every": 2, "val_every": 0, "amp": False, "seed": 0, "device": "cpu", "overlap": 0.25,
+    "warmup_steps": 0,
+}
+#: the retention recipe's settings these tests start from (each test sets what it is about)
+RETENTION = {
+    "lora": {"rank": 8, "alpha": 8, "dropout": 0.0, "targets": None, "enabled": True, "lr": None, "init": "zero",
+             "train_norms": False, "train_biases": False},
+    "kd_kind": "kl", "kd_temperature": 2.0, "kd_weight": 0.0, "kd_mask": "foreground", "kd_dilation": 2,
+    "kd_background_share": 0.2, "retention_weight": 0.0, "retention_levels": "all", "retention_scale": "channel",
+    "lwf_weight": 0.5, "grad_log_every": 10, "buffer_batch_size": 2,
 }
 
 
@@ -51,8 +60,11 @@ def train(world: dict[str, Path], out: Path, recipe: str = "finetune", init: Pat
           task: str = "organ_lesion", data: Path | None = None, settings: dict | None = None, **kw) -> None:
     from stages.train import run
 
+    settings = dict(settings or {})
+    if recipe == "retention":
+        settings = {**RETENTION, **settings, "lora": {**RETENTION["lora"], **settings.get("lora", {})}}
     run(recipe, init or world["m0"], [data or world["data1"]], [task], out, out.parent / f"{out.name}_work",
-        {**SETTINGS, **(settings or {})}, **kw)
+        {**SETTINGS, **settings}, **kw)
 
 
 def test_finetune_adds_the_head_and_trains_the_backbone(world: dict[str, Path], tmp_path: Path) -> None:
@@ -299,3 +311,25 @@ def test_retention_levels_of_the_strided_unet_are_its_encoder_levels() -> None:
         model.forward_features(torch.zeros(1, 1, 16, 16, 16))
     shapes = [tuple(t.shape) for t in tap.collect()]
     assert shapes == [(1, 4, 8, 8, 8), (1, 8, 4, 4, 4), (1, 16, 2, 2, 2)]
+
+
+def test_settings_contract_refuses_unknown_and_missing_keys_by_recipe(world: dict[str, Path], tmp_path: Path) -> None:
+    """Each recipe reads its own dataclass: a typo or a key the pipeline forgot stops the job before training."""
+    from stages.train import RECIPE_SETTINGS, RECIPES
+
+    assert set(RECIPE_SETTINGS) == set(RECIPES)
+    with pytest.raises(InputError, match=r"train \(finetune\): unknown settings \['learning_rate'\]"):
+        train(world, tmp_path / "a", settings={"learning_rate": 0.1})
+    bare = {k: v for k, v in SETTINGS.items() if k != "warmup_steps"}
+    from stages.train import run
+
+    with pytest.raises(InputError, match=r"train \(finetune\): missing settings \['warmup_steps'\]"):
+        run("finetune", world["m0"], [world["data1"]], ["organ_lesion"], tmp_path / "b", tmp_path / "bw", bare)
+    no_rank = {**SETTINGS, **RETENTION, "lora": {k: v for k, v in RETENTION["lora"].items() if k != "rank"}}
+    with pytest.raises(InputError, match=r"train \(retention\): missing settings \['rank'\]") as err:
+        run("retention", world["m0"], [world["data1"]], ["organ_lesion"], tmp_path / "c", tmp_path / "cw", no_rank)
+    assert err.value.where == "--settings.lora"
+    # the semi-supervised recipe needs its own key: finetune's settings are not enough
+    with pytest.raises(InputError, match=r"missing settings \['pseudo_weight'\]"):
+        train(world, tmp_path / "d", recipe="semisupervised", pseudo=tmp_path)
+    assert not any((tmp_path / n).exists() for n in "abcd")

@@ -35,6 +35,24 @@ def _validator_with_defaults(schema: Mapping[str, Any]) -> Any:
     return cls(schema)
 
 
+#: ``assft`` keys that moved under ``assft.options.<strategy>`` (issue 17): refused with their new place
+MOVED_ASSFT_KEYS = {
+    "weight": "assft.options.dkd_asd.weight",
+    "fg_share": "assft.options.fg_random.share",
+    "mc_passes": "assft.options.mc_dropout.passes",
+    "mc_dropout": "assft.options.mc_dropout.dropout",
+    "mc_score": "assft.options.mc_dropout.measure (entropy is now monailabel, bald mutual_information)",
+    "coreset_metric": "assft.options.coreset.metric",
+}
+
+
+def _refuse_moved_keys(config: Mapping[str, Any], source: str) -> None:
+    assft = config.get("assft")
+    moved = sorted(set(assft) & set(MOVED_ASSFT_KEYS)) if isinstance(assft, Mapping) else []
+    if moved:
+        raise InputError(f"{source}: assft.{moved[0]}", f"has moved: set {MOVED_ASSFT_KEYS[moved[0]]}")
+
+
 def _key(path: Any) -> str:
     parts = []
     for p in path:
@@ -57,6 +75,7 @@ def validate_config(
     Raises:
         InputError: naming ``<source>: <key>`` and the problem, for the first problem found.
     """
+    _refuse_moved_keys(config, source)
     schema = yaml.safe_load(schema_path.read_text())
     # defaults of nested objects are filled as the validator descends, so validate twice: the first
     # pass creates the defaulted sub-objects, the second fills their own defaults and checks them

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from stages.core.errors import InputError
+from stages.core.metric_names import METRIC_NAMES
 
 __all__ = [
     "FLAGS",
@@ -35,8 +36,6 @@ __all__ = [
     "volume_diagonal_mm",
 ]
 
-METRIC_NAMES: tuple[str, ...] = ("dice", "hd95", "nsd")
-"""The metric columns of a :func:`case_metrics` row, in report order."""
 
 FLAGS: tuple[str, ...] = ("", "both_empty", "pred_empty", "gt_empty")
 """Every value the ``flag`` column can take."""

@@ -12,7 +12,6 @@ generator and torch's global RNG (dropout).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import sys
@@ -29,6 +28,7 @@ from tqdm import tqdm
 
 from stages.core.errors import InputError
 from stages.core.io import atomic_path
+from stages.core.settings import from_mapping, setting
 from stages.core.signals import StopSignal
 
 __all__ = ["CHECKPOINT_NAME", "StepFn", "TrainResult", "TrainSettings", "Trainer", "ValidateFn", "lr_factor"]
@@ -48,7 +48,7 @@ _RESERVED_COLUMNS = frozenset({"step", "lr", "seconds", "val_score"})
 
 @dataclass
 class TrainSettings:
-    """How to optimise; the recipe decides what.
+    """How to optimise; the recipe decides what. The defaults are the schema's (``train`` section).
 
     Args:
         steps: number of optimiser updates.
@@ -64,16 +64,16 @@ class TrainSettings:
         seed: seeds the sampling generator and torch's global RNG at the start of a fresh run.
     """
 
-    steps: int
-    lr: float = 1e-3
-    weight_decay: float = 1e-5
-    warmup_steps: int = 0
-    grad_clip: float | None = 12.0
-    checkpoint_every: int = 25
-    val_every: int = 0
-    amp: bool = True
-    device: str = "cpu"
-    seed: int = 0
+    steps: int = setting(help="number of optimiser updates", schema="train.steps")
+    lr: float = setting(3e-4, help="peak learning rate (AdamW)", schema="train.lr")
+    weight_decay: float = setting(1e-5, help="AdamW's decoupled weight decay", schema="train.weight_decay")
+    warmup_steps: int = setting(0, help="linear warm-up updates before the cosine decay", schema="train.warmup_steps")
+    grad_clip: float | None = setting(12.0, help="maximum global gradient norm (None = no clipping)")
+    checkpoint_every: int = setting(100, help="updates between resumable checkpoints", schema="train.checkpoint_every")
+    val_every: int = setting(0, help="updates between validations (0 = never)", schema="train.val_every")
+    amp: bool = setting(True, help="mixed precision on CUDA; ignored on CPU", schema="train.amp")
+    device: str = setting("cpu", help="torch device string", schema="device")
+    seed: int = setting(0, help="seeds the sampling generator and torch's global RNG", schema="seed")
 
     def __post_init__(self) -> None:
         checks = [
@@ -91,19 +91,13 @@ class TrainSettings:
 
     @classmethod
     def from_mapping(cls, settings: Mapping[str, Any], where: str = "settings") -> TrainSettings:
-        """Build from a config mapping, refusing unknown keys (a typo must not fall back to a default).
+        """Build from a config mapping, refusing unknown and missing keys (:func:`stages.core.settings.from_mapping`).
 
         Args:
             settings: keys are this dataclass's field names.
             where: the config location, for the error message.
         """
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(settings) - known)
-        if unknown:
-            raise InputError(where, f"unknown training settings {unknown}; known: {sorted(known)}")
-        if "steps" not in settings:
-            raise InputError(where, "missing required training setting 'steps'")
-        return cls(**dict(settings))
+        return from_mapping(cls, settings, "trainer", where)
 
 
 @dataclass

@@ -383,23 +383,13 @@ def get_round_model_arg(wildcards, input):
 
 
 def get_query_settings(wildcards):
-    mc_measure = {"entropy": "monailabel", "bald": "mutual_information"}
-    options = {
-        "dkd_asd": {"weight": ASSFT["weight"]},
-        "mc_dropout": {
-            "passes": ASSFT["mc_passes"],
-            "dropout": ASSFT["mc_dropout"],
-            "measure": mc_measure[ASSFT["mc_score"]],
-        },
-        "coreset": {"metric": ASSFT["coreset_metric"]},
-        "fg_random": {"share": ASSFT["fg_share"]},
-    }.get(wildcards.query, {})
+    """A query job's settings; the strategy's options pass through from assft.options.<strategy>."""
     return settings(
         {
             "strategy": wildcards.query,
             "budget": ASSFT["budget"],
             "seed": int(wildcards.seed),
-            "options": options,
+            "options": ASSFT["options"].get(wildcards.query, {}),
             "dkd_knowledge": ASSFT["dkd_knowledge"],
             "dkd_winsor_quantile": ASSFT["dkd_winsor_quantile"],
             "patch_size": config["train"]["patch_size"],
