@@ -26,9 +26,13 @@ import torch
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hippocampus"
 TRAIN = {"patch_size": [32, 32, 32], "batch_size": 2, "steps": 60, "lr": 0.003, "weight_decay": 1e-5,
          "fg_ratio": 0.5, "checkpoint_every": 60, "val_every": 0, "amp": False, "seed": 0, "device": "cpu",
-         "overlap": 0.25}
+         "overlap": 0.25, "warmup_steps": 0}
 MEDSEQFT = {"kd_kind": "kl", "kd_temperature": 2.0, "kd_weight": 1.0, "kd_mask": "foreground", "retention_weight": 0.5,
-            "buffer_batch_size": 2, "grad_log_every": 10, "lwf_weight": 0.5}
+            "buffer_batch_size": 2, "grad_log_every": 10, "lwf_weight": 0.5, "kd_dilation": 2,
+            "kd_background_share": 0.2, "retention_levels": "all", "retention_scale": "channel"}
+#: the schema's LoRA defaults, under each variant's ``lora``
+LORA = {"rank": 8, "alpha": 8, "dropout": 0.0, "targets": None, "enabled": True, "lr": None, "init": "zero",
+        "train_norms": False, "train_biases": False}
 
 #: name -> settings over MEDSEQFT (lora merged over the defaults)
 VARIANTS: dict[str, dict] = {
@@ -95,6 +99,7 @@ def run_variant(root: Path, name: str, steps: int) -> dict:
     from stages.train import run as train
 
     settings = {**TRAIN, **MEDSEQFT, **VARIANTS[name], "steps": steps, "checkpoint_every": steps}
+    settings["lora"] = {**LORA, **VARIANTS[name].get("lora", {})}
     out = root / "runs" / f"{name}_{steps}"
     data = root / "data" / "anterior"
     started = time.perf_counter()

@@ -200,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings = {"patch_size": list(SHAPE), "batch_size": args.batch, "steps": args.steps, "lr": args.lr,
                     "weight_decay": 1e-5, "warmup_steps": args.warmup, "fg_ratio": 0.0,
                     "checkpoint_every": max(1, args.steps // 5), "val_every": args.val_every, "overlap": 0.0,
-                    "seed": args.seed, "device": "cpu"}
+                    "seed": args.seed, "device": "cpu", "amp": False}
         started = time.perf_counter()
         train_run("finetune", tmp / "m0", [data], ["hippocampus"], tmp / "out", tmp / "work", settings)
         pipe_s = time.perf_counter() - started
