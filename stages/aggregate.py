@@ -1,7 +1,7 @@
 """Compute each summary number once: methods x tasks tables, forgetting and BWT, paired CIs, budget and loss tables.
 
 Tables are Parquet under the summary folder (figures and the report read them, never recompute) and a
-Markdown + HTML rendering of the same numbers. Conventions (methods.md §0, §3):
+Markdown + HTML rendering of the same numbers. Conventions (docs/methods.md §0, §3):
 
 - a case's value of a metric is the mean over its foreground classes;
 - a method is scored on a task with the model of the step that learned it (its *own step*: step ==
@@ -432,7 +432,7 @@ ACTIVE_REFERENCE = active_method("dkd_asd")
 
 
 def active_paired_comparisons(cases: pd.DataFrame, settings: SummarySettings) -> pd.DataFrame:
-    """ASSFT against its baselines on the same test cases after the last query round (methods.md §2).
+    """ASSFT against its baselines on the same test cases after the last query round (docs/methods.md §2).
 
     The reference is ASSFT's final model: the DKD+ASD chain after the last round with selective
     semi-supervision (``round<R>+selective``; without it, ``round<R>``). It is compared with every other

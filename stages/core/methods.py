@@ -40,7 +40,7 @@ Buffer = Literal["mds", "random"]
 
 @dataclass(frozen=True)
 class Method:
-    """One method of the comparison (methods.md §1-§2; docs/usage.md's method table is this registry).
+    """One method of the comparison (docs/methods.md §1-§2; docs/usage.md's method table is this registry).
 
     Attributes:
         name: the method's name in the config (``methods.<name>``), the run folders and the tables.
@@ -111,7 +111,7 @@ METHODS: dict[str, Method] = {
         Method("sequential_ft_2x", "sequential", "finetune",
                "naive sequential full FT for 2 x `train.steps`: compute-matched to K&G RFT",
                start="previous", step_factor=2, default=False),
-        _kgrft("medseqft", "MDS buffers + K&G RFT: teacher, LoRA retention with KD, merge (methods.md §1)"),
+        _kgrft("medseqft", "MDS buffers + K&G RFT: teacher, LoRA retention with KD, merge (docs/methods.md §1)"),
         _kgrft("ablation_random_buffer", "MedSeqFT with a random buffer instead of MDS", buffer="random"),
         _kgrft("ablation_no_buffer", "MedSeqFT without buffer retention (lambda_g = 0)", buffer=None),
         _kgrft("ablation_no_lora", "MedSeqFT whose retention stage trains every weight (no LoRA)", lora=False),
@@ -132,7 +132,7 @@ METHODS: dict[str, Method] = {
         Method("transfer_from_medseqft", "transfer", "finetune", "full FT of MedSeqFT's M_n on each unseen task",
                start="medseqft_last", toggle="transfer"),
         Method("assft", "active", "semisupervised",
-               "active query rounds on the target task, then selective semi-supervised FT (methods.md §2)"),
+               "active query rounds on the target task, then selective semi-supervised FT (docs/methods.md §2)"),
     )
 }
 

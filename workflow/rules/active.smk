@@ -67,7 +67,8 @@ rule annotate_round:
         " {params.inbox} --out {params.out:q} --settings {params.settings:q} > {log} 2>&1"
 
 
-rule train_round:
+# a round's fine-tuning of the start model on the labelled cases (train_full_ft's job, other files)
+use rule train_full_ft as train_round with:
     input:
         init=f"{active_start_model()}/model.safetensors",
         manifest=f"{ACTIVE}/{{query}}/seed{{seed}}/round{{round}}/labelled/manifest.parquet",
@@ -79,27 +80,12 @@ rule train_round:
         "logs/train_round/{query}/seed{seed}/round{round}.log",
     benchmark:
         "benchmarks/train_round/{query}/seed{seed}/round{round}.tsv"
-    conda:
-        "../../envs/segadapt.yaml"
-    threads: train_threads()
-    resources:
-        mem_mb=memory_mb(8000),
-        runtime=240,
-        gpu=gpu_resource(),
     params:
-        code=code_hash("train"),
         recipe="finetune",
         task=TARGET,
-        init=input_dir("init"),
-        data=input_dir("manifest"),
         extra="",
-        out=output_dir("model"),
         work=f"{RESULTS}/work/active/{{query}}/seed{{seed}}/round{{round}}",
         settings=get_chain_train_settings,
-    shell:
-        "python -m stages.train --recipe {params.recipe} --threads {threads} --init {params.init:q}"
-        " --data {params.data:q} {params.extra} --task {params.task} --out {params.out:q}"
-        " --work {params.work:q} --settings {params.settings:q} > {log} 2>&1"
 
 
 rule select_pseudo_labels:

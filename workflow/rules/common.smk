@@ -23,7 +23,7 @@ TASKS = {t["name"]: t for t in config["tasks"]}
 ORDER = list(config["order"])
 UNSEEN = list(config["unseen"])
 DEMO_DATASETS = ["organ_lesion", "paired_organs", "tubular", "unseen", "pool"]
-# The method registry (stages/core/methods.py, methods.md §1): every list below is derived from its rows.
+# The method registry (stages/core/methods.py, docs/methods.md §1): every list below is derived from its rows.
 ENABLED = method_registry.enabled_methods(config)
 METHOD = method_registry.METHODS
 KGRFT = [m for m in ENABLED if METHOD[m].kgrft]
@@ -66,7 +66,7 @@ def runs_of(methods):
     return [run_name(m, s) for m in methods for s in SEEDS]
 
 
-# ASSFT (methods.md §2): one chain of query rounds per strategy and seed on the target task;
+# ASSFT (docs/methods.md §2): one chain of query rounds per strategy and seed on the target task;
 # semi-supervised variants after the last round for the ASSFT strategy itself (dkd_asd).
 ASSFT = config["assft"]
 TARGET = ASSFT["target"] or (UNSEEN[0] if UNSEEN else None)
@@ -716,11 +716,14 @@ def plot_settings():
 
 def train_log_labels():
     """(method, step, stage, log file) of every training job: M0's pre-training (unless imported), then
-    each evaluated model's jobs (stage `train`, or K&G RFT's `teacher` and `retention`)."""
+    each evaluated model's jobs (stage `train`, or K&G RFT's `teacher` and `retention`).
+    """
     logs = (
         []
         if config["foundation"]["checkpoint"]
-        else [("foundation", "pretrain", "pretrain", f"{FOUNDATION}/pretrain_log.parquet")]
+        else [
+            ("foundation", "pretrain", "pretrain", f"{FOUNDATION}/pretrain_log.parquet")
+        ]
     )
     for method, step in evaluated_models():
         run = model_dir(method, step)

@@ -1,4 +1,5 @@
-# Training jobs, one rule per kind of step. Resumable state lives under results/work/, never a
+# Training jobs, one rule per kind of step; every job that trains one model on one task is
+# train_full_ft or a rule derived from it (here and in active.smk), which differ in files only. Resumable state lives under results/work/, never a
 # declared output, so an interrupted job is not wiped by Snakemake and resumes on the next run.
 # Which model a step starts from (M0, or the previous step's model) is decided in common.smk.
 
@@ -28,6 +29,7 @@ rule train_full_ft:
     params:
         code=code_hash("train"),
         recipe=get_recipe,
+        task="{step}",
         init=input_dir("init"),
         data=input_dir("manifest"),
         extra=get_fisher_arg,
@@ -36,7 +38,7 @@ rule train_full_ft:
         settings=get_train_settings,
     shell:
         "python -m stages.train --recipe {params.recipe} --threads {threads} --init {params.init:q}"
-        " --data {params.data:q} --task {wildcards.step} {params.extra} --out {params.out:q}"
+        " --data {params.data:q} --task {params.task} {params.extra} --out {params.out:q}"
         " --work {params.work:q} --settings {params.settings:q} > {log} 2>&1"
 
 
