@@ -1,7 +1,7 @@
 """Compute each summary number once: methods x tasks tables, forgetting and BWT, paired CIs, budget and loss tables.
 
 Tables are Parquet under the summary folder (figures and the report read them, never recompute) and a
-Markdown + HTML rendering of the same numbers. Conventions (methods.md §0, §3):
+Markdown + HTML rendering of the same numbers. Conventions (docs/methods.md §0, §3):
 
 - a case's value of a metric is the mean over its foreground classes;
 - a method is scored on a task with the model of the step that learned it (its *own step*: step ==
@@ -33,6 +33,7 @@ import pandas as pd
 from stages.core.errors import InputError, run_cli
 from stages.core.io import atomic_path, make_provenance, read_parquet, save_json, sha256_file, write_parquet
 from stages.core.log import stage_log
+from stages.core.methods import ACTIVE_PREFIX, active_method
 from stages.core.metric_names import METRIC_NAMES
 
 __all__ = [
@@ -48,7 +49,8 @@ __all__ = [
     "seed_case_table",
     "paired_comparisons",
     "budget_table",
-    "log_origin",
+    "TrainLog",
+    "parse_train_log",
     "training_log_table",
     "render_markdown",
     "render_html",
@@ -62,7 +64,7 @@ PAIRED_METRICS = ("dice", "hd95")
 METRIC_TITLES = {"dice": "Dice", "hd95": "HD95 (mm)", "nsd": "NSD"}
 METRIC_COLUMNS = ("method", "step", "task", "case", "class", "metric", "value")
 BUDGET_COLUMNS = ("strategy", "round", "labels", "seed", "dice")
-LOG_STAGES = {"teacher": "teacher", "adapter": "adapter"}
+LOG_STAGES = ("train", "teacher", "adapter", "pretrain")
 
 FORGETTING_COLUMNS = ["method", "step", "task", "step_index", "task_index", "dice", "cases"]
 BWT_COLUMNS = ["method", "bwt", "tasks", "final_step"]
@@ -427,11 +429,11 @@ def paired_comparisons(cases: pd.DataFrame, settings: SummarySettings) -> pd.Dat
     return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
 
 
-ACTIVE_REFERENCE = "assft_dkd_asd"
+ACTIVE_REFERENCE = active_method("dkd_asd")
 
 
 def active_paired_comparisons(cases: pd.DataFrame, settings: SummarySettings) -> pd.DataFrame:
-    """ASSFT against its baselines on the same test cases after the last query round (methods.md §2).
+    """ASSFT against its baselines on the same test cases after the last query round (docs/methods.md §2).
 
     The reference is ASSFT's final model: the DKD+ASD chain after the last round with selective
     semi-supervision (``round<R>+selective``; without it, ``round<R>``). It is compared with every other
@@ -442,7 +444,7 @@ def active_paired_comparisons(cases: pd.DataFrame, settings: SummarySettings) ->
     """
     if "seed" not in cases.columns:
         cases = cases.assign(seed=settings.seed)
-    active = cases[cases["method"].str.startswith("assft_") & cases["metric"].isin(PAIRED_METRICS)]
+    active = cases[cases["method"].str.startswith(ACTIVE_PREFIX) & cases["metric"].isin(PAIRED_METRICS)]
     rounds = active["step"].str.extract(r"^round(\d+)", expand=False).dropna().astype(int)
     if rounds.empty:
         return pd.DataFrame(columns=PAIRED_COLUMNS)
@@ -478,7 +480,7 @@ def active_rounds(metrics: pd.DataFrame, labels_per_round: int) -> pd.DataFrame:
     """
     if labels_per_round <= 0:
         return pd.DataFrame(columns=BUDGET_COLUMNS)
-    dice = metrics[(metrics["metric"] == "dice") & (metrics["class"] >= 1) & metrics["method"].str.startswith("assft_")]
+    dice = metrics[(metrics["metric"] == "dice") & (metrics["class"] >= 1) & metrics["method"].str.startswith(ACTIVE_PREFIX)]
     rnd = dice["step"].str.extract(r"^round(\d+)$", expand=False)
     dice = dice[rnd.notna()].assign(round=rnd.dropna().astype(int))
     if dice.empty:
@@ -486,7 +488,7 @@ def active_rounds(metrics: pd.DataFrame, labels_per_round: int) -> pd.DataFrame:
     per_case = dice.groupby(["method", "round", "seed", "case"])["value"].mean().reset_index()
     per_seed = per_case.groupby(["method", "round", "seed"])["value"].mean().reset_index()
     return pd.DataFrame({
-        "strategy": per_seed["method"].str.slice(len("assft_")),
+        "strategy": per_seed["method"].str.slice(len(ACTIVE_PREFIX)),
         "round": per_seed["round"].astype("int64"),
         "labels": ((per_seed["round"] + 1) * labels_per_round).astype("int64"),
         "seed": per_seed["seed"].astype("int64"),
@@ -511,39 +513,41 @@ def budget_table(rounds: pd.DataFrame) -> pd.DataFrame:
     return out[BUDGET_OUT_COLUMNS]
 
 
-def log_origin(path: Path) -> tuple[str, str, str]:
-    """(method, step, stage) of a training log from where the pipeline puts it.
+@dataclass(frozen=True)
+class TrainLog:
+    """A training job's log and the job that wrote it, as the workflow labels it (never read from the path)."""
 
-    ``.../runs/{method}/{step}/train_log.parquet`` is the job that made the step's model (stage
-    ``train``); ``.../teacher/`` and ``.../adapter/`` are MedSeqFT's knowledge and retention stages;
-    ``.../foundation/pretrain_log.parquet`` is M0's pre-training (method ``foundation``, step ``pretrain``).
-    """
-    parts = Path(path).parts
-    if len(parts) >= 2 and parts[-2] == "foundation" and parts[-1] == "pretrain_log.parquet":
-        return "foundation", "pretrain", "pretrain"
-    if "runs" in parts and parts[-1] == "train_log.parquet":
-        rest = parts[len(parts) - 1 - parts[::-1].index("runs") + 1: -1]
-        if len(rest) == 2:
-            return rest[0], rest[1], "train"
-        if len(rest) == 3 and rest[2] in LOG_STAGES:
-            return rest[0], rest[1], LOG_STAGES[rest[2]]
-    raise InputError(path, "not a training log of the pipeline (expected runs/{method}/{step}[/teacher|/adapter]"
-                           "/train_log.parquet or foundation/pretrain_log.parquet)")
+    method: str
+    step: str
+    stage: str
+    """``train`` (the job that made the step's model), ``teacher`` / ``adapter`` (K&G RFT's knowledge and
+    retention stages) or ``pretrain`` (M0's pre-training, method ``foundation``)."""
+    path: Path
 
 
-def training_log_table(logs: Mapping[Path, pd.DataFrame]) -> pd.DataFrame:
+def parse_train_log(text: str) -> TrainLog:
+    """A ``METHOD:STEP:STAGE:FILE`` label (the file may itself hold colons)."""
+    parts = text.split(":", 3)
+    if len(parts) != 4 or not all(parts):
+        raise InputError("--train-logs", f"expected METHOD:STEP:STAGE:FILE, got {text!r}")
+    method, step, stage, path = parts
+    if stage not in LOG_STAGES:
+        raise InputError("--train-logs", f"unknown stage {stage!r} in {text!r}; one of {list(LOG_STAGES)}")
+    return TrainLog(method, step, stage, Path(path))
+
+
+def training_log_table(logs: Mapping[TrainLog, pd.DataFrame]) -> pd.DataFrame:
     """Every training log in one table: method, step, stage, iteration (the log's optimiser step), then its columns.
 
     Args:
-        logs: path -> the log read from it (the path says which job wrote it, see :func:`log_origin`).
+        logs: labelled log -> the log read from its file.
     """
     frames = []
-    for path, log in logs.items():
-        method, step, stage = log_origin(path)
+    for label, log in logs.items():
         frame = log.rename(columns={"step": "iteration"}).copy()
-        frame.insert(0, "stage", stage)
-        frame.insert(0, "step", step)
-        frame.insert(0, "method", method)
+        frame.insert(0, "stage", label.stage)
+        frame.insert(0, "step", label.step)
+        frame.insert(0, "method", label.method)
         frames.append(frame)
     if not frames:
         return pd.DataFrame(columns=LOG_KEYS + ["loss"])
@@ -737,7 +741,7 @@ def _read_checked(path: Path, required: Sequence[str]) -> pd.DataFrame:
     return df
 
 
-def run(metrics: Sequence[Path], out: Path, settings: Mapping[str, Any], train_logs: Sequence[Path] = (),
+def run(metrics: Sequence[Path], out: Path, settings: Mapping[str, Any], train_logs: Sequence[TrainLog] = (),
         budget: Sequence[Path] = ()) -> None:
     """Write every summary table under ``out``.
 
@@ -748,7 +752,7 @@ def run(metrics: Sequence[Path], out: Path, settings: Mapping[str, Any], train_l
             ``paired.parquet``, ``budget.parquet``, ``training_logs.parquet`` (empty tables with their
             columns where nothing applies) and ``summary.md`` / ``summary.html``.
         settings: see :class:`SummarySettings`.
-        train_logs: ``train_log.parquet`` / ``pretrain_log.parquet`` files (paths say which job).
+        train_logs: the training logs, each labelled with the job that wrote it.
         budget: active-learning round tables (``strategy, round, labels, seed, dice``).
     """
     conf = SummarySettings.from_mapping(settings)
@@ -756,9 +760,7 @@ def run(metrics: Sequence[Path], out: Path, settings: Mapping[str, Any], train_l
         raise InputError("--metrics", "no metrics tables given")
     # validate and compute everything before the first write
     frames = [_read_checked(p, METRIC_COLUMNS) for p in metrics]
-    logs = {Path(p): _read_checked(p, ("step", "loss")) for p in train_logs}
-    for p in logs:
-        log_origin(p)
+    logs = {label: _read_checked(label.path, ("step", "loss")) for label in train_logs}
     rounds = [_read_checked(p, BUDGET_COLUMNS) for p in budget]
 
     table = pd.concat(frames, ignore_index=True).sort_values(
@@ -776,7 +778,8 @@ def run(metrics: Sequence[Path], out: Path, settings: Mapping[str, Any], train_l
         columns=BUDGET_COLUMNS))
     log_table = training_log_table(logs)
 
-    hashes = {str(p): sha256_file(p) for p in [*metrics, *train_logs, *budget]}
+    log_paths = [label.path for label in train_logs]
+    hashes = {str(p): sha256_file(p) for p in [*metrics, *log_paths, *budget]}
     recorded = {"reference": conf.reference, "n_boot": conf.n_boot, "ci": conf.ci, "seed": conf.seed,
                 "labels_per_round": conf.labels_per_round,
                 "order": list(conf.order), "training_steps": dict(sorted(conf.training_steps.items())),
@@ -792,7 +795,7 @@ def run(metrics: Sequence[Path], out: Path, settings: Mapping[str, Any], train_l
     write_parquet(bwt, out / "bwt.parquet", prov(metrics))
     write_parquet(paired, out / "paired.parquet", prov(metrics))
     write_parquet(budget_curve, out / "budget.parquet", prov(budget))
-    write_parquet(log_table, out / "training_logs.parquet", prov(train_logs))
+    write_parquet(log_table, out / "training_logs.parquet", prov(log_paths))
     sections = _sections(summary, forgetting, bwt, paired, budget_curve, log_table, conf)
     for name, text in (("summary.md", render_markdown(sections)), ("summary.html", render_html(sections))):
         with atomic_path(out / name) as tmp:
@@ -808,8 +811,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m stages.aggregate", description=__doc__.splitlines()[0])
     parser.add_argument("--metrics", type=Path, nargs="+", required=True, help="metrics Parquet files")
     parser.add_argument("--out", type=Path, required=True, help="summary folder")
-    parser.add_argument("--train-logs", type=Path, nargs="*", default=[],
-                        help="train_log.parquet / pretrain_log.parquet files")
+    parser.add_argument("--train-logs", type=parse_train_log, nargs="*", default=[],
+                        help="METHOD:STEP:STAGE:FILE per training log (stage: train, teacher, adapter, pretrain)")
     parser.add_argument("--budget", type=Path, nargs="*", default=[],
                         help="active-learning round tables (strategy, round, labels, seed, dice)")
     parser.add_argument("--settings", type=json.loads, default={},

@@ -11,6 +11,10 @@ Every training job of the project goes through here and through the one shared t
   a whole model is written (the no-LoRA ablation). Without a teacher and with λ_g = 0 this is the
   parallel-LoRA baseline.
 - ``multitask`` — all ``--task``s at once from ``--init``, one head each, tasks taking turns per step.
+- ``ewc`` — sequential full fine-tuning plus online EWC's Fisher-weighted pull to ``--init`` (M_{t-1}),
+  the Fisher read from ``--fisher`` (``stages.fisher``; none at the first task: plain fine-tuning).
+- ``lwf`` — sequential full fine-tuning plus LwF: KL between the earlier tasks' heads of the model and
+  of the frozen ``--init`` on the new task's patches.
 - ``semisupervised`` — ASSFT's selective semi-supervised fine-tuning: Dice + CE on the labelled set
   plus λ_u·(Dice + CE) on the kept pseudo-labelled cases (``--pseudo``).
 
@@ -33,7 +37,15 @@ import torch
 
 from stages.core.errors import InputError, run_cli
 from stages.core.inference import predict_probabilities, resolve_device
-from stages.core.io import config_hash, make_provenance, read_parquet, save_json, sha256_file, write_parquet
+from stages.core.io import (
+    config_hash,
+    load_safetensors,
+    make_provenance,
+    read_parquet,
+    save_json,
+    sha256_file,
+    write_parquet,
+)
 from stages.core.log import stage_log
 from stages.core.losses import (
     kd_loss,
@@ -45,15 +57,18 @@ from stages.core.losses import (
 )
 from stages.core.lora import add_lora, count_trainable, lora_param_groups, lora_targets, save_adapter, teacher_svd_init
 from stages.core.nets import FoundationNet, load_model, model_id, save_model, seed_from
+from stages.core.regularisers import ewc_penalty, lwf_loss
 from stages.core.sampling import CaseStore, PatchSampler
-from stages.core.settings import add_settings_argument, from_mapping, setting
+from stages.core.settings import add_settings_argument, add_threads_argument, apply_threads, from_mapping, setting
 from stages.core.trainer import Trainer, TrainSettings
 
 __all__ = [
     "RECIPES",
     "RECIPE_SETTINGS",
     "Job",
+    "EwcSettings",
     "LoraSettings",
+    "LwfSettings",
     "RetentionSettings",
     "SemiSettings",
     "TrainJobSettings",
@@ -148,6 +163,39 @@ class SemiSettings(TrainJobSettings):
     pseudo_batch_size: int | None = setting(None, help="pseudo-labelled patches per step; None = batch_size")
 
 
+def _check_section(section: str, value: Mapping[str, Any], keys: Sequence[str]) -> None:
+    """A config section passed whole (``ewc``, ``lwf``): exactly its schema's keys, numbers."""
+    if set(value) != set(keys):
+        raise InputError(section, f"must hold exactly {sorted(keys)}, got {sorted(value)}")
+    for key in keys:
+        if isinstance(value[key], bool) or not isinstance(value[key], (int, float)):
+            raise InputError(f"{section}.{key}", f"must be a number, got {value[key]!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EwcSettings(TrainJobSettings):
+    """Sequential full FT with online EWC: the ``ewc`` section (``lambda`` is a Python keyword, so it stays a mapping)."""
+
+    ewc: dict[str, Any] = setting(help="lambda (penalty weight), gamma (Fisher decay), fisher_batches", schema="ewc")
+    grad_log_every: int = setting(help="steps between per-term gradient norms in the log (0 = never)",
+                                  schema="medseqft.grad_log_every")
+
+    def __post_init__(self) -> None:
+        _check_section("ewc", self.ewc, ("lambda", "gamma", "fisher_batches"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class LwfSettings(TrainJobSettings):
+    """Sequential full FT with Learning without Forgetting: the ``lwf`` section."""
+
+    lwf: dict[str, Any] = setting(help="weight (lambda_o) and temperature of the KL to M_{t-1}'s old heads", schema="lwf")
+    grad_log_every: int = setting(help="steps between per-term gradient norms in the log (0 = never)",
+                                  schema="medseqft.grad_log_every")
+
+    def __post_init__(self) -> None:
+        _check_section("lwf", self.lwf, ("weight", "temperature"))
+
+
 @dataclass
 class Job:
     """Everything a recipe needs, loaded and checked once."""
@@ -165,6 +213,8 @@ class Job:
     """(pseudo-label folder, kept case ids) for ``semisupervised``; labels read from that folder only."""
     buffer_tasks: list[str] = field(default_factory=list)
     """The task of each buffer (its ``task`` column), whose head h_j the output-level retention reads."""
+    fisher: dict[str, torch.Tensor] | None = None
+    """Online EWC's accumulated diagonal Fisher of M_{t-1}'s backbone (``ewc``; None at the first task)."""
 
 
 @dataclass
@@ -243,7 +293,7 @@ def _save_model(model: FoundationNet) -> Callable[[Path, dict[str, Any]], None]:
 
 
 def recipe_finetune(job: Job) -> Plan:
-    """Full fine-tuning of the backbone and the task head with Dice + CE (methods.md §0, §1 step 1)."""
+    """Full fine-tuning of the backbone and the task head with Dice + CE (docs/methods.md §0, §1 step 1)."""
     model, task, s = job.model, job.tasks[0], job.settings
     sampler = _sampler(job.data[0], _cases(job.manifests[0], "train"), s)
     loss_fn = segmentation_loss()
@@ -324,7 +374,7 @@ class _FeatureTap:
 
 
 def recipe_retention(job: Job) -> Plan:
-    """K&G RFT retention stage (methods.md §1 step 2): LoRA on frozen M_{t-1}, KD to T_t, retention on buffers.
+    """K&G RFT retention stage (docs/methods.md §1 step 2): LoRA on frozen M_{t-1}, KD to T_t, retention on buffers.
 
     ``L = L_seg + λ_k·L_KD(student, T_t) + λ_g·L_ret + λ_o·L_LwF`` where L_ret is the feature retention
     against the frozen M_{t-1} on a buffer patch (several encoder levels and the decoder output, each
@@ -481,7 +531,7 @@ def _copy_trained_extras(net: torch.nn.Module, teacher: FoundationNet) -> None:
 
 
 def recipe_semisupervised(job: Job) -> Plan:
-    """ASSFT selective semi-supervised fine-tuning (methods.md §2): Dice + CE on the labelled set L plus
+    """ASSFT selective semi-supervised fine-tuning (docs/methods.md §2): Dice + CE on the labelled set L plus
     ``λ_u · (Dice + CE)`` on the kept pseudo-labelled cases (Yang et al., arXiv 2509.10784; λ_u ours).
 
     ``--data`` is the round's labelled folder (stages.annotate) and ``--pseudo`` the pseudo-label folder
@@ -519,8 +569,85 @@ def recipe_semisupervised(job: Job) -> Plan:
     return Plan(model, params, step_fn, _maybe_validator(model, job), _save_model(model))
 
 
+def _regularised_finetune(job: Job, extra_params: list[torch.nn.Parameter],
+                          regulariser: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]],
+                          grad_every: int) -> Plan:
+    """Full fine-tuning on one task plus weighted regulariser terms, each logged with its gradient norm."""
+    model, task, s = job.model, job.tasks[0], job.settings
+    sampler = _sampler(job.data[0], _cases(job.manifests[0], "train"), s)
+    loss_fn = segmentation_loss()
+    params = list(model.backbone.parameters()) + _head_params(model, [task]) + extra_params
+
+    def step_fn(net: torch.nn.Module, step: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        batch = sampler.sample(generator)
+        x = batch["image"].to(job.device)
+        _, decoded = net.forward_features(x)  # one pass: the task's head and LwF's old heads share it
+        seg = loss_fn(net.seg_heads[task](decoded), batch["label"].to(job.device))
+        weighted = {"seg": seg, **regulariser(net, x, decoded)}
+        terms = {"seg": seg.detach()}
+        terms.update({name: value.detach() for name, value in weighted.items() if name != "seg"})
+        if grad_every > 0 and step % grad_every == 0:
+            for name, norm in term_gradient_norms(weighted, params).items():
+                terms[f"grad_{name}"] = torch.tensor(norm)
+        terms["loss"] = torch.stack(list(weighted.values())).sum()
+        return terms
+
+    return Plan(model, params, step_fn, _maybe_validator(model, job), _save_model(model))
+
+
+def recipe_ewc(job: Job) -> Plan:
+    """Sequential full FT with online EWC (Schwarz et al., ICML 2018): ``L_seg + lambda/2 sum F (theta - theta*)^2``.
+
+    theta* is ``--init`` (M_{t-1}) and F the Fisher accumulated up to task t - 1 (:mod:`stages.fisher`);
+    only backbone parameters carry it, so the new head is free. The log holds ``ewc`` (the weighted
+    penalty) and, every ``grad_log_every`` steps, ``grad_seg`` and ``grad_ewc``.
+    """
+    s = job.settings
+    weight = float(s.ewc["lambda"])
+    fisher = {n: f.to(job.device) for n, f in (job.fisher or {}).items()}
+    anchor = {n: p.detach().clone().float() for n, p in job.model.backbone.named_parameters() if n in fisher}
+    if not fisher:
+        log.info("ewc: no Fisher (first task): plain fine-tuning")
+
+    def regulariser(net: torch.nn.Module, x: torch.Tensor, decoded: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not fisher or weight == 0:
+            return {}
+        return {"ewc": weight * ewc_penalty(net.backbone.named_parameters(), anchor, fisher)}
+
+    return _regularised_finetune(job, [], regulariser, s.grad_log_every)
+
+
+def recipe_lwf(job: Job) -> Plan:
+    """Sequential full FT with Learning without Forgetting (Li & Hoiem, ECCV 2016).
+
+    ``L_seg + lambda_o * sum_j KL_T(h_j(M_{t-1}(x)) || h_j(theta(x)))`` over the earlier tasks' heads j
+    of ``--init`` on the *new* task's patches x (the mean over j); those heads train too, as in LwF.
+    The log holds ``lwf`` (weighted) and, every ``grad_log_every`` steps, ``grad_seg`` and ``grad_lwf``.
+    """
+    model, task, s = job.model, job.tasks[0], job.settings
+    weight, temperature = float(s.lwf["weight"]), float(s.lwf["temperature"])
+    old_heads = [t for t in model.seg_heads if t != task]
+    frozen = copy.deepcopy(model).to(job.device).eval().requires_grad_(False) if old_heads and weight > 0 else None
+    if frozen is None:
+        log.info("lwf: no earlier task head (first task): plain fine-tuning")
+
+    def regulariser(net: torch.nn.Module, x: torch.Tensor, decoded: torch.Tensor) -> dict[str, torch.Tensor]:
+        if frozen is None:
+            return {}
+        with torch.no_grad():
+            _, old_decoded = frozen.forward_features(x)
+        terms = [lwf_loss(net.seg_heads[h](decoded), frozen.seg_heads[h](old_decoded), temperature)
+                 for h in old_heads]
+        return {"lwf": weight * torch.stack(terms).mean()}
+
+    extra = _head_params(model, old_heads) if frozen is not None else []
+    return _regularised_finetune(job, extra, regulariser, s.grad_log_every)
+
+
 RECIPES: dict[str, Callable[[Job], Plan]] = {
     "finetune": recipe_finetune,
+    "ewc": recipe_ewc,
+    "lwf": recipe_lwf,
     "retention": recipe_retention,
     "multitask": recipe_multitask,
     "semisupervised": recipe_semisupervised,
@@ -532,6 +659,8 @@ RECIPE_SETTINGS: dict[str, type[TrainJobSettings]] = {
     "retention": RetentionSettings,
     "multitask": TrainJobSettings,
     "semisupervised": SemiSettings,
+    "ewc": EwcSettings,
+    "lwf": LwfSettings,
 }
 
 
@@ -546,6 +675,7 @@ def run(
     teacher: Path | None = None,
     buffers: Sequence[tuple[Path, Path]] = (),
     pseudo: Path | None = None,
+    fisher: Path | None = None,
 ) -> None:
     """Train ``init`` with ``recipe`` and write the result (model folder or adapter) and its log to ``out``.
 
@@ -563,6 +693,7 @@ def run(
         teacher: the teacher model folder T_t (``retention``).
         buffers: (buffer Parquet, preprocessed folder) pairs B_1..B_t (``retention``).
         pseudo: the pseudo-label folder of ``stages.select_pseudo`` (``semisupervised``).
+        fisher: the Fisher folder of ``stages.fisher`` for M_{t-1} (``ewc``).
     """
     if recipe not in RECIPES:
         raise InputError("--recipe", f"unknown recipe {recipe!r}; choose from {sorted(RECIPES)}")
@@ -596,14 +727,21 @@ def run(
         pseudo_job = (Path(pseudo), table.loc[table["kept"], "case"].astype(str).tolist())
     elif recipe == "semisupervised":
         raise InputError("--pseudo", "the semisupervised recipe needs the pseudo-label folder")
+    fisher_tensors = None
+    if fisher is not None:
+        fisher_file = Path(fisher) / "fisher.safetensors"
+        if not fisher_file.is_file():
+            raise InputError(fisher_file, "missing: run stages.fisher on the previous step's model first")
+        fisher_tensors = load_safetensors(fisher_file)
     model.to(device)
     job = Job(model, list(tasks), [Path(d) for d in data], [m for m, _ in loaded], conf, device,
-              teacher_model, buffer_cases, pseudo_job, buffer_tasks)
+              teacher_model, buffer_cases, pseudo_job, buffer_tasks, fisher_tensors)
 
     input_files = [init / "model.safetensors"] + [Path(d) / "manifest.parquet" for d in data]
     input_files += [teacher / "model.safetensors"] if teacher is not None else []
     input_files += [Path(t) for t, _ in buffers]
     input_files += [Path(pseudo) / "pseudo.parquet"] if pseudo is not None else []
+    input_files += [Path(fisher) / "fisher.safetensors"] if fisher is not None else []
     inputs = {str(p): sha256_file(p) for p in input_files}
     # the raw settings object, as before: the resumable state of a running job keeps its folder
     job_hash = config_hash({"recipe": recipe, "tasks": list(tasks), "settings": dict(settings), "inputs": inputs})
@@ -655,20 +793,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--teacher", type=Path, default=None, help="teacher model folder (retention)")
     parser.add_argument("--buffer", type=_buffer_pair, nargs="*", default=[], help="BUFFER_PARQUET:DATA_FOLDER pairs")
     parser.add_argument("--pseudo", type=Path, default=None, help="pseudo-label folder (semisupervised)")
+    parser.add_argument("--fisher", type=Path, default=None, help="Fisher folder of M_{t-1} (ewc)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--work", type=Path, required=True, help="folder for resumable state")
     add_settings_argument(parser, TrainJobSettings)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (the rule's threads); default: torch's own choice")
+    add_threads_argument(parser)
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise InputError("--threads", f"must be >= 1, got {args.threads}")
-        # CPU results are bit-identical for a given thread count, not across thread counts
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     with stage_log(parser, args):
         run(args.recipe, args.init, args.data, args.task, args.out, args.work, args.settings, args.teacher, args.buffer,
-            args.pseudo)
+            args.pseudo, args.fisher)
 
 
 if __name__ == "__main__":

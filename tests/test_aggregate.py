@@ -153,27 +153,29 @@ def test_paired_comparison_uses_the_same_cases_and_own_step_models() -> None:
     assert absent.empty and list(absent.columns) == aggregate.PAIRED_COLUMNS
 
 
-def test_log_origin_reads_the_job_from_the_path() -> None:
-    assert aggregate.log_origin(Path("results/runs/medseqft/liver/teacher/train_log.parquet")) == (
-        "medseqft", "liver", "teacher")
-    assert aggregate.log_origin(Path("/x/results/runs/medseqft/liver/adapter/train_log.parquet"))[2] == "adapter"
-    assert aggregate.log_origin(Path("results/runs/multitask_ft/all/train_log.parquet")) == ("multitask_ft", "all",
-                                                                                           "train")
-    assert aggregate.log_origin(Path("results/foundation/pretrain_log.parquet")) == ("foundation", "pretrain",
-                                                                                    "pretrain")
-    with pytest.raises(InputError, match="not a training log"):
-        aggregate.log_origin(Path("results/runs/medseqft/train_log.parquet"))
+def test_train_logs_are_labelled_by_the_workflow_not_parsed_from_paths() -> None:
+    label = aggregate.parse_train_log("medseqft:liver:teacher:/x/a:b/train_log.parquet")
+    assert label == aggregate.TrainLog("medseqft", "liver", "teacher", Path("/x/a:b/train_log.parquet"))
+    assert aggregate.parse_train_log("foundation:pretrain:pretrain:results/foundation/pretrain_log.parquet").stage == (
+        "pretrain")
+    with pytest.raises(InputError, match="expected METHOD:STEP:STAGE:FILE"):
+        aggregate.parse_train_log("results/runs/medseqft/liver/train_log.parquet")
+    with pytest.raises(InputError, match="unknown stage 'student'"):
+        aggregate.parse_train_log("medseqft:liver:student:x.parquet")
 
 
-def _write_logs(root: Path) -> list[Path]:
-    paths = []
-    for rel, extra in (("foundation/pretrain_log.parquet", {"inpaint": [1.0, 0.8]}),
-                       ("runs/medseqft/liver/teacher/train_log.parquet", {"seg": [2.0, 1.5]}),
-                       ("runs/medseqft/liver/adapter/train_log.parquet", {"kd": [0.1, 0.05]})):
+def _write_logs(root: Path) -> list[aggregate.TrainLog]:
+    labels = []
+    for job, rel, extra in ((("foundation", "pretrain", "pretrain"), "foundation/pretrain_log.parquet",
+                             {"inpaint": [1.0, 0.8]}),
+                            (("medseqft", "liver", "teacher"), "runs/medseqft/liver/teacher/train_log.parquet",
+                             {"seg": [2.0, 1.5]}),
+                            (("medseqft", "liver", "adapter"), "runs/medseqft/liver/adapter/train_log.parquet",
+                             {"kd": [0.1, 0.05]})):
         df = pd.DataFrame({"step": [1, 2], "loss": [2.0, 1.0], **extra})
         write_parquet(df, root / rel, make_provenance("train", {}))
-        paths.append(root / rel)
-    return paths
+        labels.append(aggregate.TrainLog(*job, root / rel))
+    return labels
 
 
 def test_run_writes_every_table_and_reruns_byte_identically(tmp_path: Path) -> None:
@@ -207,7 +209,7 @@ def test_run_writes_every_table_and_reruns_byte_identically(tmp_path: Path) -> N
                                                                   ("medseqft", "teacher"), ("medseqft", "adapter")}
     assert logs_table["iteration"].tolist() == [1, 2] * 3
     assert set(read_provenance(out / "summary.parquet")["inputs"]) == {str(p) for p in metric_paths}
-    assert set(read_provenance(out / "training_logs.parquet")["inputs"]) == {str(p) for p in logs}
+    assert set(read_provenance(out / "training_logs.parquet")["inputs"]) == {str(label.path) for label in logs}
     assert read_provenance(out / "summary.md")["stage"] == "aggregate"  # sidecar
 
     aggregate.run(metric_paths, out, settings, logs, [tmp_path / "rounds.parquet"])
@@ -230,9 +232,9 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path: Path) -> None
     with pytest.raises(InputError, match=r"bad\.parquet: lacks columns"):
         aggregate.run([*paths, bad], tmp_path / "out", {})
     stray = tmp_path / "elsewhere" / "train_log.parquet"
-    write_parquet(pd.DataFrame({"step": [1], "loss": [1.0]}), stray, make_provenance("train", {}))
-    with pytest.raises(InputError, match="not a training log"):
-        aggregate.run(paths, tmp_path / "out", {}, train_logs=[stray])
+    write_parquet(pd.DataFrame({"step": [1], "oops": [1.0]}), stray, make_provenance("train", {}))
+    with pytest.raises(InputError, match=r"train_log\.parquet: lacks columns \['loss'\]"):
+        aggregate.run(paths, tmp_path / "out", {}, train_logs=[aggregate.TrainLog("m", "s", "train", stray)])
     with pytest.raises(InputError, match="unknown keys"):
         aggregate.run(paths, tmp_path / "out", {"n_bootstrap": 10})
     assert not (tmp_path / "out").exists()

@@ -61,6 +61,17 @@ def test_every_schema_key_has_type_description_default() -> None:
         (lambda c: c["foundation"].update(pool=None), "config: foundation", "set `pool`"),
         (lambda c: c["demo"].update(enabled=False), "config: tasks[0].dataset", "is not an MSD dataset folder"),
         (lambda c: c["foundation"].update(checkpoint="/nonexistent/m.pt"), "config: foundation.checkpoint", "does not exist"),
+        # the loss-landscape checks (once in analysis_common.smk, which validate_config never ran)
+        (lambda c: c["methods"].update(medseqft={"enabled": False}), "config: analysis.landscape.methods",
+         "['medseqft'] are not enabled"),
+        (lambda c: c["analysis"]["landscape"].update(methods=["sequential_ft_2x"]), "config: analysis.landscape.methods",
+         "['sequential_ft_2x'] are not enabled"),
+        (lambda c: c["analysis"]["landscape"].update(task="unseen"), "config: analysis.landscape.task",
+         "is not a task of `order`"),
+        (lambda c: c["analysis"]["landscape"].update(step="nope"), "config: analysis.landscape.step",
+         "is not a step of `order`"),
+        (lambda c: c["analysis"]["landscape"].update(task="tubular", step="organ_lesion"),
+         "config: analysis.landscape.step", "has not learned task 'tubular' yet"),
     ],
 )
 def test_bad_config_names_the_key(mutate: Any, key: str, problem: str, tmp_path: Path,
@@ -81,3 +92,15 @@ def test_load_config_names_the_file(tmp_path: Path) -> None:
     bad.write_text("seed: [unclosed\n")
     with pytest.raises(InputError, match="broken.yaml"):
         load_config(bad)
+
+
+def test_landscape_of_parallel_methods_only_may_map_an_earlier_step() -> None:
+    config = demo_config()
+    config["analysis"]["landscape"].update(methods=["parallel_ft"], task="tubular", step="organ_lesion")
+    validate_config(config)  # parallel models are mapped at the task itself: the step does not matter
+
+
+def test_landscape_checks_skip_a_switched_off_analysis() -> None:
+    config = demo_config()
+    config["analysis"]["landscape"].update(enabled=False, methods=["sequential_ft_2x"])
+    validate_config(config)

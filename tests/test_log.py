@@ -45,15 +45,15 @@ def test_a_stage_log_starts_with_what_it_reads_and_writes_and_ends_done(tmp_path
 
 def test_a_refusal_ends_the_log_with_failed_and_the_error(tmp_path: Path) -> None:
     settings = {"overlap": 0.5, "device": "cpu"}
-    code, lines = _run_like_a_rule(["stages.predict", "--model", "models/m", "--head", "t", "--data", "data/t",
+    code, lines = _run_like_a_rule(["stages.fisher", "--model", "models/m", "--task", "t", "--data", "data/t",
                                     "--out", "pred", "--settings", json.dumps(settings)], tmp_path)
     assert code == 2
     first = lines[0]
-    assert re.match(STAMP + r"stages\.predict start \| ", first), first
+    assert re.match(STAMP + r"stages\.fisher start \| ", first), first
     assert "| inputs: --model=models/m --data=data/t |" in first
-    assert '| settings: --head=t --split=test --settings={"device":"cpu","overlap":0.5} |' in first
+    assert '| settings: --task=t --settings={"device":"cpu","overlap":0.5} |' in first
     assert first.endswith("| outputs: --out=pred")
-    assert re.fullmatch(STAMP + r"stages\.predict failed after \d+\.\d s \(InputError\)", lines[-2]), lines[-2]
+    assert re.fullmatch(STAMP + r"stages\.fisher failed after \d+\.\d s \((Input|Settings)Error\)", lines[-2]), lines[-2]
     assert lines[-1].startswith("segadapt: error: ")
 
 

@@ -94,10 +94,12 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
 
 
 def rule_names() -> list[str]:
-    """Names of the workflow's rules, read from the rule files."""
+    """Names of the workflow's rules, read from the rule files (derived ones: `use rule A as B with:`)."""
     names: set[str] = set()
     for smk in (REPO / "workflow" / "rules").glob("*.smk"):
-        names.update(re.findall(r"^\s*rule (\w+):", smk.read_text(), flags=re.MULTILINE))
+        text = smk.read_text()
+        names.update(re.findall(r"^\s*rule (\w+):", text, flags=re.MULTILINE))
+        names.update(re.findall(r"^\s*use rule \w+ as (\w+)", text, flags=re.MULTILINE))
     return sorted(names)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import torch
 import yaml
 
 from conftest import REPO, SNAKEFILE, TINY, make_workdir, snakemake
+from stages.core.io import read_provenance
 
 
 def test_snakefmt_clean() -> None:
@@ -50,6 +52,22 @@ def test_bad_config_stops_before_any_job(tmp_path: Path) -> None:
     assert not (work / "results").exists()
 
 
+def test_snakemake_refuses_what_validate_config_refuses(tmp_path: Path) -> None:
+    """The analysis checks live in stages.core.config: Snakemake stops with validate_config's message."""
+    from stages.core.config import validate_config
+    from stages.core.errors import InputError
+
+    config = yaml.safe_load(TINY.read_text())
+    config["analysis"]["landscape"]["task"] = "unseen"
+    with pytest.raises(InputError) as err:
+        validate_config(copy.deepcopy(config), check_paths=False)
+    work = make_workdir(tmp_path / "w", config)
+    proc = snakemake(work, "-n", check=False)
+    assert proc.returncode != 0
+    assert f"segadapt: error: {err.value}" in proc.stdout + proc.stderr
+    assert not (work / "results").exists()
+
+
 def dry_run_outputs(work: Path, *args: str) -> list[str]:
     """Output files of the jobs a dry run would run."""
     proc = snakemake(work, "-n", *args)
@@ -79,7 +97,7 @@ def test_two_training_seeds_and_compute_matched_baselines_dry_run(tmp_path: Path
     proc = snakemake(work, "-n", "-p")
     outputs = set(re.findall(r"^\s+output: ([^,\n]+)", proc.stdout, flags=re.M))
     evals = {o for o in outputs if o.startswith("results/eval/")}
-    methods = ["medseqft", "ablation_no_lora", "parallel_ft", "parallel_ft_2x", "sequential_ft_2x"]
+    methods = ["medseqft", "ablation_no_lora", "parallel_ft", "parallel_ft_2x", "sequential_ft_2x", "ewc", "lwf"]
     expected = {f"results/eval/{m}{level}/{t}/metrics.parquet" for m in methods for level in ("", "/seed1")
                 for t in ("organ_lesion", "paired_organs")}
     expected |= {f"results/eval/{m}{level}/unseen/metrics.parquet" for m in ("transfer_from_m0", "transfer_from_medseqft")
@@ -87,13 +105,15 @@ def test_two_training_seeds_and_compute_matched_baselines_dry_run(tmp_path: Path
     expected |= {f"results/eval/multitask_ft{level}/all/metrics.parquet" for level in ("", "/seed1")}
     assert evals == expected
     jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", proc.stdout.split("Job stats:")[1].split("total")[0], flags=re.M))
-    # per seed: 4 parallel(_2x) + 2 sequential_ft_2x + 2 transfer full-FT jobs; 2 + 2 teachers; 2 multi-task;
+    # per seed: 4 parallel(_2x) + 2 sequential_ft_2x + 2 EWC + 2 LwF + 2 transfer full-FT jobs (and EWC's
+    # Fisher of its first step); 2 + 2 teachers; 2 multi-task;
     # ASSFT: 3 strategies (dkd_asd, random, fg_random) x 2 rounds, each round model evaluated, plus DKD+ASD's
     # semi-supervised model and its equal-steps control
     assert {k: int(v) for k, v in jobs.items() if k.startswith(("train_", "evaluate_", "merge"))} == {
-        "train_full_ft": 16, "train_teacher": 8, "train_retention": 4, "train_retention_full": 4, "merge_adapter": 4,
-        "train_multitask": 2, "evaluate_model": 26, "train_round": 12, "train_semisupervised": 2, "train_continue": 2,
+        "train_full_ft": 24, "train_teacher": 8, "train_retention": 4, "train_retention_full": 4, "merge_adapter": 4,
+        "train_multitask": 2, "evaluate_model": 34, "train_round": 12, "train_semisupervised": 2, "train_continue": 2,
         "evaluate_active_model": 16}
+    assert int(jobs["estimate_fisher"]) == 2  # the first step's Fisher, per seed
     cmds = proc.stdout.splitlines()
     teacher = [c for c in cmds if "--out results/runs/medseqft/seed1/paired_organs/teacher " in c]
     # seed 1's chain: M_1 of seed 1, trained under seed 1
@@ -104,6 +124,8 @@ def test_two_training_seeds_and_compute_matched_baselines_dry_run(tmp_path: Path
     seed1_eval = next(c for c in cmds if "--out results/eval/medseqft/seed1/organ_lesion " in c)
     assert "--method medseqft " in seed1_eval and '"seed":1' in seed1_eval
     assert {f"results/active/unseen/{q}/seed{s}/round1/query.parquet" for q in ("dkd_asd", "random", "fg_random") for s in (0, 1)} <= outputs
+    ewc = next(c for c in cmds if "--out results/runs/ewc/seed1/paired_organs " in c)
+    assert "--recipe ewc " in ewc and "--fisher results/runs/ewc/seed1/organ_lesion/fisher " in ewc
     aggregate = next(c for c in cmds if "python -m stages.aggregate" in c)
     assert '"parallel_ft_2x":12' in aggregate and '"medseqft":12' in aggregate and '"parallel_ft":6' in aggregate
     assert '"assft_dkd_asd@round1+continue":12' in aggregate and '"assft_dkd_asd@round1":6' in aggregate
@@ -128,7 +150,7 @@ def test_tiny_dag_produces_metrics_for_every_method_and_task(run: Path) -> None:
     dice = metrics[metrics["metric"] == "dice"]
     assert set(dice["method"]) == {"medseqft", "ablation_no_lora", "parallel_ft", "multitask_ft",
                                    "transfer_from_m0", "transfer_from_medseqft", "assft_dkd_asd", "assft_random",
-                                   "assft_fg_random"}
+                                   "assft_fg_random", "ewc", "lwf"}
     assert set(dice.loc[dice["method"] == "parallel_ft", "task"]) == {"organ_lesion", "paired_organs"}
     assert set(dice.loc[dice["method"] == "transfer_from_m0", "task"]) == {"unseen"}
     assert dice["value"].between(0, 1).all()
@@ -147,6 +169,24 @@ def test_tiny_dag_compares_assft_with_its_equal_steps_control(run: Path) -> None
     assert (paired["seeds"] == 1).all()
     md = (run / "results" / "summary" / "summary.md").read_text()
     assert "## Paired comparison: assft_dkd_asd@round1+selective − each method" in md
+
+
+def test_ewc_and_lwf_are_in_the_summary_and_the_forgetting_table(run: Path) -> None:
+    """The continual-learning baselines: evaluated on every task so far, in the BWT table; EWC's Fisher of
+    the first step is an artifact the second step's training names as an input."""
+    summary = run / "results" / "summary"
+    bwt = pd.read_parquet(summary / "bwt.parquet")
+    assert {"ewc", "lwf", "medseqft"} <= set(bwt["method"])
+    forgetting = pd.read_parquet(summary / "forgetting.parquet")
+    assert set(forgetting.loc[forgetting["method"] == "ewc", "task"]) == {"organ_lesion", "paired_organs"}
+    assert "| ewc |" in (summary / "summary.md").read_text()
+    fisher = run / "results" / "runs" / "ewc" / "organ_lesion" / "fisher" / "fisher.safetensors"
+    inputs = read_provenance(run / "results" / "runs" / "ewc" / "paired_organs" / "model.safetensors")["inputs"]
+    assert any(k.endswith("ewc/organ_lesion/fisher/fisher.safetensors") for k in inputs) and fisher.is_file()
+    logs = pd.read_parquet(summary / "training_logs.parquet")
+    second = logs[(logs["method"] == "ewc") & (logs["step"] == "paired_organs")]
+    assert second["ewc"].iloc[0] == 0.0 and (second["ewc"].iloc[2:] > 0).all()
+    assert (logs.loc[(logs["method"] == "lwf") & (logs["step"] == "paired_organs"), "lwf"].iloc[2:] > 0).all()
 
 
 def test_tiny_dag_produces_the_analyses(run: Path) -> None:

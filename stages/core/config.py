@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from stages.core.errors import InputError
+from stages.core.methods import METHODS, enabled_methods
 from stages.core.split import split_counts
 
 __all__ = ["SCHEMA_PATH", "load_config", "validate_config"]
@@ -141,7 +142,38 @@ def validate_config(
         _check_assft_budget(config, source)
     if not config["order"]:
         config["order"] = [n for n in names if n not in config["unseen"]]
+    _check_landscape(config, source)
     return config
+
+
+#: chains whose models have per-step models on the `order` tasks, whose loss landscape can be mapped
+LANDSCAPE_CHAINS = ("sequential", "parallel", "multitask")
+
+
+def _check_landscape(config: Mapping[str, Any], source: str) -> None:
+    """The loss-landscape analysis names enabled methods, a task and a step of `order`, in a possible order.
+
+    (Checked here, not in the workflow, so that Snakemake and :func:`validate_config` refuse the same
+    configs.)
+    """
+    landscape = config["analysis"]["landscape"]
+    order = list(config["order"])
+    if not landscape["enabled"] or not order:
+        return
+    key = f"{source}: analysis.landscape"
+    candidates = [m for m in enabled_methods(config) if METHODS[m].chain in LANDSCAPE_CHAINS]
+    chosen = landscape["methods"] or candidates
+    off = [m for m in chosen if m not in candidates]
+    if off:
+        raise InputError(f"{key}.methods", f"{off} are not enabled (enabled: {candidates})")
+    task = landscape["task"] or order[0]
+    if task not in order:
+        raise InputError(f"{key}.task", f"{task!r} is not a task of `order` {order}")
+    step = landscape["step"] or order[-1]
+    if step not in order:
+        raise InputError(f"{key}.step", f"{step!r} is not a step of `order` {order}")
+    if order.index(step) < order.index(task) and any(METHODS[m].chain == "sequential" for m in chosen):
+        raise InputError(f"{key}.step", f"the model of step {step!r} has not learned task {task!r} yet")
 
 
 #: task names the workflow uses for itself (``all`` is the multi-task step of the BWT matrix)
@@ -225,7 +257,7 @@ def _check_assft_budget(config: Mapping[str, Any], source: str) -> None:
     """Refuse ASSFT rounds x budget beyond the target's training split before any job starts.
 
     Otherwise the shortfall shows only in a late query round, after M0's pre-training and the
-    earlier rounds' fine-tuning (methods.md §2: every round labels ``budget`` new training cases).
+    earlier rounds' fine-tuning (docs/methods.md §2: every round labels ``budget`` new training cases).
     """
     assft = config["assft"]
     target = assft["target"] or config["unseen"][0]

@@ -24,7 +24,16 @@ from typing import Any, TypeVar
 
 from stages.core.errors import InputError
 
-__all__ = ["SettingsError", "add_settings_argument", "from_mapping", "setting", "settings_help", "settings_json"]
+__all__ = [
+    "SettingsError",
+    "add_settings_argument",
+    "add_threads_argument",
+    "apply_threads",
+    "from_mapping",
+    "setting",
+    "settings_help",
+    "settings_json",
+]
 
 T = TypeVar("T")
 
@@ -164,3 +173,23 @@ def settings_help(cls: type) -> list[tuple[str, str, str]]:
             default = "required"
         rows.append((f.name, default, str(f.metadata.get("help", ""))))
     return rows
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """The ``--threads N`` option of a stage that computes with torch (the rule passes its ``threads``)."""
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (the rule's threads); default: torch's own choice")
+
+
+def apply_threads(threads: int | None) -> None:
+    """Set torch's intra-op threads from ``--threads`` (None: leave torch's choice).
+
+    CPU results are bit-identical for a given thread count, not across thread counts.
+    """
+    if threads is None:
+        return
+    if threads < 1:
+        raise SettingsError("--threads", f"must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)

@@ -67,7 +67,8 @@ rule annotate_round:
         " {params.inbox} --out {params.out:q} --settings {params.settings:q} > {log} 2>&1"
 
 
-rule train_round:
+# a round's fine-tuning of the start model on the labelled cases (train_full_ft's job, other files)
+use rule train_full_ft as train_round with:
     input:
         init=f"{active_start_model()}/model.safetensors",
         manifest=f"{ACTIVE}/{{query}}/seed{{seed}}/round{{round}}/labelled/manifest.parquet",
@@ -79,25 +80,12 @@ rule train_round:
         "logs/train_round/{query}/seed{seed}/round{round}.log",
     benchmark:
         "benchmarks/train_round/{query}/seed{seed}/round{round}.tsv"
-    conda:
-        "../../envs/segadapt.yaml"
-    threads: train_threads()
-    resources:
-        mem_mb=memory_mb(8000),
-        runtime=240,
-        gpu=gpu_resource(),
     params:
-        code=code_hash("train"),
+        recipe="finetune",
         task=TARGET,
-        init=input_dir("init"),
-        data=input_dir("manifest"),
-        out=output_dir("model"),
+        extra="",
         work=f"{RESULTS}/work/active/{{query}}/seed{{seed}}/round{{round}}",
         settings=get_chain_train_settings,
-    shell:
-        "python -m stages.train --recipe finetune --threads {threads} --init {params.init:q} --data {params.data:q}"
-        " --task {params.task} --out {params.out:q} --work {params.work:q}"
-        " --settings {params.settings:q} > {log} 2>&1"
 
 
 rule select_pseudo_labels:
@@ -131,7 +119,8 @@ rule select_pseudo_labels:
         " --settings {params.settings:q} > {log} 2>&1"
 
 
-rule train_semisupervised:
+# ASSFT's selective semi-supervised fine-tuning of the last round's model (labelled + kept pseudo-labels)
+use rule train_round as train_semisupervised with:
     input:
         init=f"{ACTIVE}/{{query}}/seed{{seed}}/round{{round}}/model_l/model.safetensors",
         manifest=f"{ACTIVE}/{{query}}/seed{{seed}}/round{{round}}/labelled/manifest.parquet",
@@ -144,29 +133,15 @@ rule train_semisupervised:
         "logs/train_semisupervised/{query}/seed{seed}/round{round}_{semi}.log",
     benchmark:
         "benchmarks/train_semisupervised/{query}/seed{seed}/round{round}_{semi}.tsv"
-    conda:
-        "../../envs/segadapt.yaml"
-    threads: train_threads()
-    resources:
-        mem_mb=memory_mb(8000),
-        runtime=240,
-        gpu=gpu_resource(),
     params:
-        code=code_hash("train"),
-        task=TARGET,
-        init=input_dir("init"),
-        data=input_dir("manifest"),
-        pseudo=input_dir("pseudo"),
-        out=output_dir("model"),
+        recipe="semisupervised",
+        extra=get_pseudo_arg,
         work=f"{RESULTS}/work/active/{{query}}/seed{{seed}}/round{{round}}_{{semi}}",
         settings=get_semi_settings,
-    shell:
-        "python -m stages.train --recipe semisupervised --threads {threads} --init {params.init:q} --data {params.data:q}"
-        " --pseudo {params.pseudo:q} --task {params.task} --out {params.out:q} --work {params.work:q}"
-        " --settings {params.settings:q} > {log} 2>&1"
 
 
-rule train_continue:
+# the equal-steps control: the round model fine-tuned as long again on the labelled cases only
+use rule train_round as train_continue with:
     input:
         init=f"{ACTIVE}/{{query}}/seed{{seed}}/round{{round}}/model_l/model.safetensors",
         manifest=f"{ACTIVE}/{{query}}/seed{{seed}}/round{{round}}/labelled/manifest.parquet",
@@ -178,25 +153,9 @@ rule train_continue:
         "logs/train_continue/{query}/seed{seed}/round{round}.log",
     benchmark:
         "benchmarks/train_continue/{query}/seed{seed}/round{round}.tsv"
-    conda:
-        "../../envs/segadapt.yaml"
     threads: 1
-    resources:
-        mem_mb=memory_mb(8000),
-        runtime=240,
-        gpu=gpu_resource(),
     params:
-        code=code_hash("train"),
-        task=TARGET,
-        init=input_dir("init"),
-        data=input_dir("manifest"),
-        out=output_dir("model"),
         work=f"{RESULTS}/work/active/{{query}}/seed{{seed}}/round{{round}}_continue",
-        settings=get_chain_train_settings,
-    shell:
-        "python -m stages.train --recipe finetune --init {params.init:q} --data {params.data:q}"
-        " --task {params.task} --out {params.out:q} --work {params.work:q}"
-        " --settings {params.settings:q} > {log} 2>&1"
 
 
 rule evaluate_active_model:

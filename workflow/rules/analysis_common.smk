@@ -1,6 +1,7 @@
 # Helpers of rules/analysis.smk (included from there): which models the analyses compare, their
-# settings and targets, decided from the method registry in common.smk and checked when the config is
-# read. Kept apart from the rules so that each .smk holds either functions or rules (snakemake --lint).
+# settings and targets, decided from the method registry in common.smk (the config is checked by
+# stages.core.config.validate_config). Kept apart from the rules so that each .smk holds either
+# functions or rules (snakemake --lint).
 
 ANALYSIS = f"{RESULTS}/analysis"
 DRIFT = f"{ANALYSIS}/drift"
@@ -10,33 +11,16 @@ LANDSCAPE_CONFIG = config["analysis"]["landscape"]
 LANDSCAPE_CANDIDATES = SEQUENTIAL + PARALLEL + MULTITASK
 
 
-def analysis_error(key, problem):
-    sys.exit(f"segadapt: error: config: analysis.landscape.{key}: {problem}")
-
-
 def landscape_plan():
-    """(task, {method: step}) of the loss landscapes, checked against the config when it is read.
+    """(task, {method: step}) of the loss landscapes (the config was checked by validate_config).
 
     Sequential methods are mapped at `step` (default: the last), parallel methods at the task itself,
     multi-task methods with their `all` model; no methods when the analysis is off."""
     if not LANDSCAPE_CONFIG["enabled"] or not ORDER:
         return None, {}
     chosen = LANDSCAPE_CONFIG["methods"] or LANDSCAPE_CANDIDATES
-    off = [m for m in chosen if m not in LANDSCAPE_CANDIDATES]
-    if off:
-        analysis_error(
-            "methods", f"{off} are not enabled (enabled: {LANDSCAPE_CANDIDATES})"
-        )
     task = LANDSCAPE_CONFIG["task"] or ORDER[0]
-    if task not in ORDER:
-        analysis_error("task", f"{task!r} is not a task of `order` {ORDER}")
     step = LANDSCAPE_CONFIG["step"] or ORDER[-1]
-    if step not in ORDER:
-        analysis_error("step", f"{step!r} is not a step of `order` {ORDER}")
-    if ORDER.index(step) < ORDER.index(task) and any(m in SEQUENTIAL for m in chosen):
-        analysis_error(
-            "step", f"the model of step {step!r} has not learned task {task!r} yet"
-        )
     steps = {
         m: "all" if m in MULTITASK else task if m in PARALLEL else step for m in chosen
     }

@@ -5,6 +5,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from stages.core import methods as method_registry
 from stages.core.codehash import code_hash
 from stages.core.config import validate_config
 from stages.core.container import shell_prefix
@@ -22,46 +23,25 @@ TASKS = {t["name"]: t for t in config["tasks"]}
 ORDER = list(config["order"])
 UNSEEN = list(config["unseen"])
 DEMO_DATASETS = ["organ_lesion", "paired_organs", "tubular", "unseen", "pool"]
-ENABLED = {m for m, s in config["methods"].items() if s["enabled"]}
-
-# The method registry (methods.md §1). K&G RFT methods: buffer strategy (None = no buffer) and
-# whether the retention stage uses LoRA (no: the no-LoRA ablation trains every weight).
-KGRFT = {
-    "medseqft": {"buffer": "mds", "lora": True},
-    "ablation_random_buffer": {"buffer": "random", "lora": True},
-    "ablation_no_buffer": {"buffer": None, "lora": True},
-    "ablation_no_lora": {"buffer": "mds", "lora": False},
-}
-KGRFT = {m: spec for m, spec in KGRFT.items() if m in ENABLED}
-# Compute-matched full-FT baselines: K&G RFT trains a teacher and then a student, each `train.steps`
-# optimiser steps, so these run full fine-tuning for STEP_FACTOR x `train.steps` (methods.md §1, fair
-# comparison); the summary marks which paired comparisons have equal training steps.
-STEP_FACTOR = {"sequential_ft_2x": 2, "parallel_ft_2x": 2}
-SEQUENTIAL = [m for m in ("sequential_ft", "sequential_ft_2x") if m in ENABLED] + list(
-    KGRFT
-)
-PARALLEL = [
-    m for m in ("parallel_ft", "parallel_ft_2x", "parallel_lora") if m in ENABLED
-]
-MULTITASK = [m for m in ("multitask_ft",) if m in ENABLED]
-TRANSFER = []
-if config["transfer"]["enabled"] and UNSEEN:
-    TRANSFER = ["transfer_from_m0"] + (
-        ["transfer_from_medseqft"] if "medseqft" in KGRFT else []
-    )
-# methods whose every step is one full fine-tuning job (train_full_ft)
-FULL_FT = [
+# The method registry (stages/core/methods.py, docs/methods.md §1): every list below is derived from its rows.
+ENABLED = method_registry.enabled_methods(config)
+METHOD = method_registry.METHODS
+KGRFT = [m for m in ENABLED if METHOD[m].kgrft]
+SEQUENTIAL = method_registry.names("sequential", ENABLED)
+PARALLEL = method_registry.names("parallel", ENABLED)
+MULTITASK = method_registry.names("multitask", ENABLED)
+TRANSFER = method_registry.names("transfer", ENABLED)
+# methods whose every step is one training job of the model itself (train_full_ft): full fine-tuning,
+# EWC, LwF
+SINGLE_JOB = [
     m
-    for m in ("sequential_ft", "sequential_ft_2x", "parallel_ft", "parallel_ft_2x")
-    if m in ENABLED
-] + TRANSFER
-# methods whose step ends with a LoRA adapter merged into its base (train_retention + merge_adapter)
-LORA = [m for m, spec in KGRFT.items() if spec["lora"]] + [
-    m for m in ("parallel_lora",) if m in ENABLED
+    for m in SEQUENTIAL + PARALLEL + TRANSFER
+    if METHOD[m].recipe in ("finetune", "ewc", "lwf")
 ]
-BUFFER_STRATEGIES = sorted(
-    {spec["buffer"] for spec in KGRFT.values() if spec["buffer"]}
-)
+# methods whose step ends with a LoRA adapter merged into its base (train_retention + merge_adapter)
+LORA = [m for m in ENABLED if METHOD[m].merged]
+BUFFER_STRATEGIES = sorted({METHOD[m].buffer for m in KGRFT if METHOD[m].buffer})
+EWC = [m for m in SEQUENTIAL if METHOD[m].recipe == "ewc"]
 
 # Training seeds (config `seeds`; none = the one `seed`): every training run of every method is repeated
 # per seed. A run of `seed` keeps the one-seed layout runs/{method}/{step}; another seed s is the run
@@ -73,14 +53,12 @@ SEEDS = list(config["seeds"] or [BASE_SEED])
 
 def run_name(method, seed=None):
     """The run of ``method`` under training seed ``seed`` (None = the base seed): its path level(s)."""
-    seed = BASE_SEED if seed is None else int(seed)
-    return method if seed == BASE_SEED else f"{method}/seed{seed}"
+    return method_registry.run_name(method, seed, BASE_SEED)
 
 
 def split_run(run):
     """(method, training seed) of a run name (see run_name)."""
-    method, sep, level = run.partition("/")
-    return method, int(level[len("seed") :]) if sep else BASE_SEED
+    return method_registry.split_run(run, BASE_SEED)
 
 
 def runs_of(methods):
@@ -88,7 +66,7 @@ def runs_of(methods):
     return [run_name(m, s) for m in methods for s in SEEDS]
 
 
-# ASSFT (methods.md §2): one chain of query rounds per strategy and seed on the target task;
+# ASSFT (docs/methods.md §2): one chain of query rounds per strategy and seed on the target task;
 # semi-supervised variants after the last round for the ASSFT strategy itself (dkd_asd).
 ASSFT = config["assft"]
 TARGET = ASSFT["target"] or (UNSEEN[0] if UNSEEN else None)
@@ -231,9 +209,10 @@ def previous_model(method, step, seed=None):
 
 def start_model(method, step, seed=None):
     """The model a step's training starts from (a run of ``seed`` starts from that seed's models)."""
-    if method in SEQUENTIAL:
+    kind = method_registry.start_kind(method)
+    if kind == "previous":
         return previous_model(method, step, seed)
-    if method == "transfer_from_medseqft":
+    if kind == "medseqft_last":
         return model_dir("medseqft", ORDER[-1], seed)
     return FOUNDATION  # parallel, multi-task, transfer from M0
 
@@ -249,7 +228,7 @@ def get_step_manifest(wildcards):
 
 def buffer_tables(method, step):
     """B_1 .. B_t of a K&G RFT method at step t (none for the no-buffer ablation and for parallel LoRA)."""
-    strategy = KGRFT.get(method, {}).get("buffer")
+    strategy = METHOD[method].buffer if method in KGRFT else None
     if not strategy:
         return []
     return [
@@ -304,6 +283,47 @@ def get_teacher_file(wildcards):
     return []
 
 
+def get_recipe(wildcards):
+    """The stages.train recipe of a (single-job) training step: the method's row says."""
+    return METHOD[split_run(wildcards.method)[0]].recipe
+
+
+def get_fisher_file(wildcards):
+    """Online EWC: the accumulated Fisher of the chain's previous step (none at the first step)."""
+    method, seed = split_run(wildcards.method)
+    i = ORDER.index(wildcards.step) if wildcards.step in ORDER else 0
+    if method not in EWC or i == 0:
+        return []
+    return f"{model_dir(method, ORDER[i - 1], seed)}/fisher/fisher.safetensors"
+
+
+def get_fisher_arg(wildcards, input):
+    fisher = as_list(input.fisher)
+    return shell_args("--fisher", Path(fisher[0]).parent) if fisher else ""
+
+
+def get_previous_fisher_arg(wildcards, input):
+    previous = as_list(input.previous)
+    return shell_args("--previous", Path(previous[0]).parent) if previous else ""
+
+
+def get_fisher_settings(wildcards):
+    """The Fisher estimate's settings: `ewc` (gamma, fisher_batches), the training patches and the
+    run's training seed."""
+    t = config["train"]
+    return settings(
+        {
+            "gamma": config["ewc"]["gamma"],
+            "fisher_batches": config["ewc"]["fisher_batches"],
+            "patch_size": t["patch_size"],
+            "batch_size": t["batch_size"],
+            "fg_ratio": t["fg_ratio"],
+            "seed": split_run(wildcards.method)[1],
+            "device": config["device"],
+        }
+    )
+
+
 def get_teacher_arg(wildcards, input):
     teacher = as_list(input.teacher)
     return shell_args("--teacher", Path(teacher[0]).parent) if teacher else ""
@@ -311,11 +331,7 @@ def get_teacher_arg(wildcards, input):
 
 def eval_tasks(method, step):
     """The tasks a (method, step) model is evaluated on: for sequential methods every task so far."""
-    if method in SEQUENTIAL:
-        return ORDER[: ORDER.index(step) + 1]
-    if method in MULTITASK:
-        return ORDER
-    return [step]
+    return method_registry.eval_tasks(method, step, ORDER)
 
 
 def get_eval_manifests(wildcards):
@@ -377,6 +393,10 @@ def get_previous_arg(wildcards, input):
     return shell_args("--previous", previous[0]) if previous else ""
 
 
+def get_pseudo_arg(wildcards, input):
+    return shell_args("--pseudo", Path(input.pseudo).parent)
+
+
 def get_round_model_arg(wildcards, input):
     model = as_list(input.model)
     return shell_args("--model", Path(model[0]).parent) if model else ""
@@ -424,10 +444,11 @@ def semi_settings(seed=None):
 
 
 def get_active_eval_step(wildcards):
-    kind = wildcards.kind
-    return f"round{wildcards.round}" + (
-        "" if kind == "model_l" else f"+{kind[len('model_'):]}"
-    )
+    return method_registry.active_step(wildcards.round, wildcards.kind)
+
+
+def get_active_eval_method(wildcards):
+    return method_registry.active_method(wildcards.query)
 
 
 def get_active_eval_settings(wildcards):
@@ -538,7 +559,12 @@ def train_settings(seed=None, steps_factor=1):
 def get_train_settings(wildcards):
     """A training run's settings: its seed, and the step count of a compute-matched baseline."""
     method, seed = split_run(wildcards.method)
-    return train_settings(seed, STEP_FACTOR.get(method, 1))
+    s = json.loads(train_settings(seed, METHOD[method].step_factor))
+    recipe = METHOD[method].recipe
+    if recipe in ("ewc", "lwf"):
+        s[recipe] = config[recipe]
+        s["grad_log_every"] = config["medseqft"]["grad_log_every"]
+    return settings(s)
 
 
 def get_retention_settings(wildcards):
@@ -546,23 +572,17 @@ def get_retention_settings(wildcards):
     method, seed = split_run(wildcards.method)
     s = {
         **train_dict(seed),
-        "lora": {
-            **m["lora"],
-            "enabled": KGRFT.get(method, {}).get("lora", True),
-        },
+        "lora": {**m["lora"], "enabled": METHOD[method].lora},
         "kd_kind": m["kd_kind"],
         "kd_temperature": m["kd_temperature"],
-        "kd_weight": m["kd_weight"] if method in KGRFT else 0.0,
         "kd_mask": m["kd_mask"],
         "kd_dilation": m["kd_dilation"],
         "kd_background_share": m["kd_background_share"],
-        "retention_weight": (
-            m["retention_weight"] if buffer_tables(method, wildcards.step) else 0.0
-        ),
         "retention_levels": m["retention_levels"],
         "retention_scale": m["retention_scale"],
-        "lwf_weight": (
-            m["lwf_weight"] if buffer_tables(method, wildcards.step) else 0.0
+        # the terms the method's row switches off weigh 0 (parallel LoRA, the no-buffer ablation)
+        **method_registry.loss_weights(
+            method, m, bool(buffer_tables(method, wildcards.step))
         ),
         "grad_log_every": m["grad_log_every"],
         "buffer_batch_size": m["buffer_batch_size"],
@@ -651,13 +671,15 @@ def training_steps():
     ``assft_<strategy>@<step>`` for the active-learning models): the summary marks compute-matched pairs.
     """
     n = config["train"]["steps"]
-    steps = {m: STEP_FACTOR.get(m, 1) * n for m in FULL_FT + PARALLEL + MULTITASK}
-    steps.update({m: 2 * n for m in KGRFT})  # teacher + student
+    # K&G RFT: teacher + student
+    steps = {m: METHOD[m].steps_per_task * n for m in ENABLED if m != "assft"}
     if ASSFT_ON:
         for q, _ in ACTIVE_RUNS:
-            steps[f"assft_{q}@round{LAST_ROUND}"] = n
+            name = method_registry.active_method(q)
+            steps[f"{name}@{method_registry.active_step(LAST_ROUND)}"] = n
             extra = SEMI + CONTROL if q == "dkd_asd" else []
-            steps.update({f"assft_{q}@round{LAST_ROUND}+{k}": 2 * n for k in extra})
+            for k in extra:
+                steps[f"{name}@{method_registry.active_step(LAST_ROUND, k)}"] = 2 * n
     return dict(sorted(steps.items()))
 
 
@@ -682,29 +704,35 @@ def plot_settings():
     return settings({"reference": s["reference"], "dpi": s["dpi"]})
 
 
-def get_train_logs():
-    """Every training job's log: M0's pre-training (unless imported), then each evaluated model's jobs."""
+def train_log_labels():
+    """(method, step, stage, log file) of every training job: M0's pre-training (unless imported), then
+    each evaluated model's jobs (stage `train`, or K&G RFT's `teacher` and `retention`).
+    """
     logs = (
         []
         if config["foundation"]["checkpoint"]
-        else [f"{FOUNDATION}/pretrain_log.parquet"]
+        else [
+            ("foundation", "pretrain", "pretrain", f"{FOUNDATION}/pretrain_log.parquet")
+        ]
     )
     for method, step in evaluated_models():
         run = model_dir(method, step)
         if method in KGRFT and not reused_teacher(method, step):
-            logs.append(f"{run}/teacher/train_log.parquet")
-        logs.append(
-            f"{run}/adapter/train_log.parquet"
-            if method in LORA
-            else f"{run}/train_log.parquet"
-        )
+            logs.append((method, step, "teacher", f"{run}/teacher/train_log.parquet"))
+        if method in LORA:
+            logs.append((method, step, "adapter", f"{run}/adapter/train_log.parquet"))
+        else:
+            logs.append((method, step, "train", f"{run}/train_log.parquet"))
     return logs
 
 
-def get_budget_tables():
-    """Extra active-learning round tables (strategy, round, labels, seed, dice); the ASSFT chains' own
-    rounds are read from their metrics by stages.aggregate."""
-    return []
+def get_train_logs():
+    return [path for *_, path in train_log_labels()]
+
+
+def train_log_args():
+    """METHOD:STEP:STAGE:FILE per training log: stages.aggregate reads the labels, never the paths."""
+    return shell_args(*(":".join(label) for label in train_log_labels()))
 
 
 def overlay_models():
@@ -747,7 +775,7 @@ def forgetting_figure():
 
 
 def budget_figure():
-    return [f"{PLOTS}/budget.png"] if get_budget_tables() or ASSFT_ON else []
+    return [f"{PLOTS}/budget.png"] if ASSFT_ON else []
 
 
 def overlay_figures():

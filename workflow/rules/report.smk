@@ -7,7 +7,6 @@ rule aggregate_metrics:
     input:
         metrics=get_metrics_tables(),
         train_logs=get_train_logs(),
-        budget=get_budget_tables(),
     output:
         metrics=f"{SUMMARY}/metrics.parquet",
         cases=f"{SUMMARY}/cases.parquet",
@@ -36,10 +35,11 @@ rule aggregate_metrics:
     params:
         code=code_hash("aggregate"),
         out=output_dir("metrics"),
+        train_logs=train_log_args(),
         settings=summary_settings(),
     shell:
-        "python -m stages.aggregate --metrics {input.metrics:q} --train-logs {input.train_logs:q}"
-        " --budget {input.budget:q} --out {params.out:q} --settings {params.settings:q} > {log} 2>&1"
+        "python -m stages.aggregate --metrics {input.metrics:q} --train-logs {params.train_logs}"
+        " --out {params.out:q} --settings {params.settings:q} > {log} 2>&1"
 
 
 rule plot_summary:

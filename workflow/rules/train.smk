@@ -1,4 +1,5 @@
-# Training jobs, one rule per kind of step. Resumable state lives under results/work/, never a
+# Training jobs, one rule per kind of step; every job that trains one model on one task is
+# train_full_ft or a rule derived from it (here and in active.smk), which differ in files only. Resumable state lives under results/work/, never a
 # declared output, so an interrupted job is not wiped by Snakemake and resumes on the next run.
 # Which model a step starts from (M0, or the previous step's model) is decided in common.smk.
 
@@ -7,6 +8,7 @@ rule train_full_ft:
     input:
         init=get_start_model_file,
         manifest=get_step_manifest,
+        fisher=get_fisher_file,
     output:
         model=f"{RESULTS}/runs/{{method}}/{{step}}/model.safetensors",
         spec=f"{RESULTS}/runs/{{method}}/{{step}}/model.json",
@@ -16,7 +18,7 @@ rule train_full_ft:
     benchmark:
         "benchmarks/train/{method}/{step}.tsv"
     wildcard_constraints:
-        method=alternatives(runs_of(FULL_FT)),
+        method=alternatives(runs_of(SINGLE_JOB)),
     conda:
         "../../envs/segadapt.yaml"
     threads: train_threads()
@@ -26,18 +28,22 @@ rule train_full_ft:
         gpu=gpu_resource(),
     params:
         code=code_hash("train"),
+        recipe=get_recipe,
+        task="{step}",
         init=input_dir("init"),
         data=input_dir("manifest"),
+        extra=get_fisher_arg,
         out=output_dir("model"),
         work=f"{RESULTS}/work/{{method}}/{{step}}",
         settings=get_train_settings,
     shell:
-        "python -m stages.train --recipe finetune --threads {threads} --init {params.init:q} --data {params.data:q}"
-        " --task {wildcards.step} --out {params.out:q} --work {params.work:q}"
-        " --settings {params.settings:q} > {log} 2>&1"
+        "python -m stages.train --recipe {params.recipe} --threads {threads} --init {params.init:q}"
+        " --data {params.data:q} --task {params.task} {params.extra} --out {params.out:q}"
+        " --work {params.work:q} --settings {params.settings:q} > {log} 2>&1"
 
 
-rule train_teacher:
+# K&G RFT's knowledge stage: full fine-tuning of the same start model on the task (teacher T_t)
+use rule train_full_ft as train_teacher with:
     input:
         init=get_start_model_file,
         manifest=get_step_manifest,
@@ -50,24 +56,46 @@ rule train_teacher:
     benchmark:
         "benchmarks/train/{method}/{step}_teacher.tsv"
     wildcard_constraints:
-        method=alternatives(runs_of(list(KGRFT))),
+        method=alternatives(runs_of(KGRFT)),
+    params:
+        recipe="finetune",
+        extra="",
+        work=f"{RESULTS}/work/{{method}}/{{step}}/teacher",
+
+
+# online EWC's diagonal Fisher of a step's model on its task's training data, accumulated over the
+# chain's earlier steps (read by the next step's training)
+rule estimate_fisher:
+    input:
+        model=f"{RESULTS}/runs/{{method}}/{{step}}/model.safetensors",
+        manifest=get_step_manifest,
+        previous=get_fisher_file,
+    output:
+        fisher=f"{RESULTS}/runs/{{method}}/{{step}}/fisher/fisher.safetensors",
+        record=f"{RESULTS}/runs/{{method}}/{{step}}/fisher/fisher.json",
+    log:
+        "logs/fisher/{method}/{step}.log",
+    benchmark:
+        "benchmarks/fisher/{method}/{step}.tsv"
+    wildcard_constraints:
+        method=alternatives(runs_of(EWC)),
     conda:
         "../../envs/segadapt.yaml"
     threads: train_threads()
     resources:
         mem_mb=memory_mb(8000),
-        runtime=240,
+        runtime=60,
         gpu=gpu_resource(),
     params:
-        code=code_hash("train"),
-        init=input_dir("init"),
+        code=code_hash("fisher"),
+        model=input_dir("model"),
         data=input_dir("manifest"),
-        out=output_dir("model"),
-        work=f"{RESULTS}/work/{{method}}/{{step}}/teacher",
-        settings=get_train_settings,
+        previous=get_previous_fisher_arg,
+        out=output_dir("fisher"),
+        settings=get_fisher_settings,
     shell:
-        "python -m stages.train --recipe finetune --threads {threads} --init {params.init:q} --data {params.data:q}"
-        " --task {wildcards.step} --out {params.out:q} --work {params.work:q}"
+        "python -m stages.fisher --threads {threads} --model {params.model:q} --data {params.data:q}"
+        " --task {wildcards.step} {params.previous} --out {params.out:q}"
         " --settings {params.settings:q} > {log} 2>&1"
 
 
@@ -111,45 +139,17 @@ rule train_retention:
         " --work {params.work:q} --settings {params.settings:q} > {log} 2>&1"
 
 
-rule train_retention_full:
-    input:
-        init=get_start_model_file,
-        manifest=get_step_manifest,
-        teacher=get_teacher_file,
-        buffers=get_buffer_tables,
-        buffer_data=get_buffer_manifests,
+# the no-LoRA ablation: the same retention stage training every weight, writing a whole model
+use rule train_retention as train_retention_full with:
     output:
         model=f"{RESULTS}/runs/{{method}}/{{step}}/model.safetensors",
         spec=f"{RESULTS}/runs/{{method}}/{{step}}/model.json",
         log_table=f"{RESULTS}/runs/{{method}}/{{step}}/train_log.parquet",
-    log:
-        "logs/train/{method}/{step}_retention.log",
-    benchmark:
-        "benchmarks/train/{method}/{step}_retention.tsv"
     wildcard_constraints:
-        method=alternatives(
-            runs_of([m for m, spec in KGRFT.items() if not spec["lora"]])
-        ),
-    conda:
-        "../../envs/segadapt.yaml"
-    threads: train_threads()
-    resources:
-        mem_mb=memory_mb(8000),
-        runtime=240,
-        gpu=gpu_resource(),
+        method=alternatives(runs_of([m for m in KGRFT if not METHOD[m].lora])),
     params:
-        code=code_hash("train"),
-        init=input_dir("init"),
-        data=input_dir("manifest"),
-        teacher=get_teacher_arg,
-        buffers=get_buffer_args,
         out=output_dir("model"),
         work=f"{RESULTS}/work/{{method}}/{{step}}/retention",
-        settings=get_retention_settings,
-    shell:
-        "python -m stages.train --recipe retention --threads {threads} --init {params.init:q} --data {params.data:q}"
-        " --task {wildcards.step} {params.teacher} --buffer {params.buffers} --out {params.out:q}"
-        " --work {params.work:q} --settings {params.settings:q} > {log} 2>&1"
 
 
 rule merge_adapter:
