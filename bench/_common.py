@@ -96,8 +96,9 @@ finally:
 """
 
 
-def child_peak_rss(module: str, args: Sequence[str] = (), import_only: bool = False,
-                   env: dict[str, str] | None = None) -> tuple[int, int, float]:
+def child_peak_rss(
+    module: str, args: Sequence[str] = (), import_only: bool = False, env: dict[str, str] | None = None
+) -> tuple[int, int, float]:
     """Run ``python -m module args`` (or only ``import module``) in a fresh child process.
 
     Args:

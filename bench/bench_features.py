@@ -37,13 +37,12 @@ from pathlib import Path
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import load_line  # noqa: E402
+import numpy as np
+import torch
+from _common import load_line
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from stages.core.nets import FoundationNet  # noqa: E402
-from stages.core.ssl import FEATURE_WINDOWS, pooled_case_feature, write_feature_stats  # noqa: E402
+from stages.core.nets import FoundationNet
+from stages.core.ssl import FEATURE_WINDOWS, pooled_case_feature, write_feature_stats
 
 __all__ = ["main", "phantom"]
 
@@ -81,8 +80,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     measured = args.measure or args.volumes
-    print(load_line(), f"| torch threads {torch.get_num_threads()} | {args.arch} | windows <= {FEATURE_WINDOWS}",
-          flush=True)
+    print(
+        load_line(),
+        f"| torch threads {torch.get_num_threads()} | {args.arch} | windows <= {FEATURE_WINDOWS}",
+        flush=True,
+    )
     model = FoundationNet(args.arch, arch_kwargs=ARCHS[args.arch], ssl={"patch_size": [args.patch] * 3}, seed=0).eval()
     started = time.perf_counter()
     volumes = [phantom(args.shape, i) for i in range(max(measured, args.baseline_volumes))]
@@ -93,20 +95,28 @@ def main(argv: Sequence[str] | None = None) -> None:
         write_feature_stats(model, volumes[:measured], args.patch, Path(tmp) / "stats.safetensors")
         bounded = time.perf_counter() - started
     bounded_all = bounded * args.volumes / measured
-    print(f"bounded ({FEATURE_WINDOWS} windows): {measured} volumes in {bounded:.1f} s "
-          f"({bounded / measured:.3f} s per volume)", flush=True)
+    print(
+        f"bounded ({FEATURE_WINDOWS} windows): {measured} volumes in {bounded:.1f} s "
+        f"({bounded / measured:.3f} s per volume)",
+        flush=True,
+    )
 
     started = time.perf_counter()
     for v in volumes[: args.baseline_volumes]:
         pooled_case_feature(model, v, args.patch, max_windows=None)
     every = time.perf_counter() - started
     windows = int(np.prod([-(-n // args.patch) for n in args.shape]))
-    print(f"every window ({windows}): {args.baseline_volumes} volumes in {every:.1f} s "
-          f"({every / args.baseline_volumes:.3f} s per volume; {args.volumes} volumes ~ "
-          f"{every * args.volumes / args.baseline_volumes:.0f} s)", flush=True)
+    print(
+        f"every window ({windows}): {args.baseline_volumes} volumes in {every:.1f} s "
+        f"({every / args.baseline_volumes:.3f} s per volume; {args.volumes} volumes ~ "
+        f"{every * args.volumes / args.baseline_volumes:.0f} s)",
+        flush=True,
+    )
     note = "" if measured == args.volumes else f", extrapolated from {measured}"
-    print(f"feature statistics: {args.volumes} volumes in {bounded_all:.1f} s{note} (target <= 60 s): "
-          f"{'PASS' if bounded_all <= 60 else 'MISS'}")
+    print(
+        f"feature statistics: {args.volumes} volumes in {bounded_all:.1f} s{note} (target <= 60 s): "
+        f"{'PASS' if bounded_all <= 60 else 'MISS'}"
+    )
 
 
 if __name__ == "__main__":

@@ -41,10 +41,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, child_peak_rss, load_line, median, verdict  # noqa: E402
-
-import nibabel as nib  # noqa: E402
-import numpy as np  # noqa: E402
+import nibabel as nib
+import numpy as np
+from _common import REPO, child_peak_rss, load_line, median, verdict
 
 __all__ = ["main", "write_ct_case"]
 

@@ -45,12 +45,11 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import interleaved, load_line, median, verdict  # noqa: E402
+import numpy as np
+import torch
+from _common import interleaved, load_line, median, verdict
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from stages.core.sampling import CaseStore, PatchSampler  # noqa: E402
+from stages.core.sampling import CaseStore, PatchSampler
 
 __all__ = ["main", "write_cases"]
 
@@ -108,8 +107,15 @@ def _monai_datasets(
             EnsureChannelFirstd("label", channel_dim="no_channel"),
             FgBgToIndicesd("label"),
             RandCropByPosNegLabeld(
-                keys, "label", spatial_size=list(patch), pos=fg_ratio, neg=1.0 - fg_ratio, num_samples=samples,
-                fg_indices_key="label_fg_indices", bg_indices_key="label_bg_indices", allow_smaller=True,
+                keys,
+                "label",
+                spatial_size=list(patch),
+                pos=fg_ratio,
+                neg=1.0 - fg_ratio,
+                num_samples=samples,
+                fg_indices_key="label_fg_indices",
+                bg_indices_key="label_bg_indices",
+                allow_smaller=True,
             ),
         ]
     ).set_random_state(seed=0)
@@ -125,7 +131,11 @@ def _monai_sampler(dataset: Any, batch: int, samples: int) -> Callable[[int], in
 
     per_batch = max(1, batch // samples)  # volumes per batch: each yields `samples` patches
     loader = DataLoader(
-        dataset, batch_size=per_batch, shuffle=True, num_workers=0, collate_fn=list_data_collate,
+        dataset,
+        batch_size=per_batch,
+        shuffle=True,
+        num_workers=0,
+        collate_fn=list_data_collate,
         generator=torch.Generator().manual_seed(0),
     )
     state: dict[str, Any] = {"it": iter(loader)}
@@ -208,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "persistent": lambda: draw_persistent(args.persistent_patches),
                 "copy": copy,
             }
-            for name, fn in runs.items():  # warm-up: page cache, persistent cache files, allocator
+            for _name, fn in runs.items():  # warm-up: page cache, persistent cache files, allocator
                 fn()
             load_before = load_line()
             times = interleaved(runs, args.reps)
@@ -237,8 +247,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"{label}: {rate[key]:.1f} patches/s = {mib_s:.0f} MiB/s produced  [{runs_txt}]")
         best_monai = max(rate["cache"], rate["persistent"])
         copy_rate = rate["copy"] * patch_bytes  # bytes/s
-        print(f"ours / CacheDataset: {rate['ours'] / rate['cache']:.2f}x, ours / PersistentDataset: "
-              f"{rate['ours'] / rate['persistent']:.2f}x")
+        print(
+            f"ours / CacheDataset: {rate['ours'] / rate['cache']:.2f}x, ours / PersistentDataset: "
+            f"{rate['ours'] / rate['persistent']:.2f}x"
+        )
         print(
             f"stricter bound (stored bytes, 5 B/voxel): ours {rate['ours'] * stored_bytes / 2**20:.0f} MiB/s = "
             f"{rate['ours'] * stored_bytes / copy_rate:.0%} of the copy rate {copy_rate / 2**20:.0f} MiB/s"

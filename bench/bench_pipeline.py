@@ -33,7 +33,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from stages.core.config import validate_config  # noqa: E402
+from stages.core.config import validate_config
 
 __all__ = ["PROFILES", "main"]
 
@@ -104,8 +104,9 @@ def rule_table(work: Path) -> pd.DataFrame:
     jobs = pd.DataFrame(rows)
     if jobs.empty:
         return jobs
-    table = jobs.groupby("rule_dir").agg(jobs=("s", "size"), total_s=("s", "sum"), longest_s=("s", "max"),
-                                         max_rss_mb=("max_rss_mb", "max"))
+    table = jobs.groupby("rule_dir").agg(
+        jobs=("s", "size"), total_s=("s", "sum"), longest_s=("s", "max"), max_rss_mb=("max_rss_mb", "max")
+    )
     return table.sort_values("total_s", ascending=False)
 
 
@@ -123,8 +124,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix=f"segadapt-bench-{args.profile}-"))
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "workflow" / "Snakefile"), "-d", str(work),
-           "--cores", str(args.cores), "--configfile", str(work / "config.yaml")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "workflow" / "Snakefile"),
+        "-d",
+        str(work),
+        "--cores",
+        str(args.cores),
+        "--configfile",
+        str(work / "config.yaml"),
+    ]
     print(f"bench_pipeline: {args.profile} in {work}\n  {' '.join(cmd)}", flush=True)
     start = time.perf_counter()
     with open(work / "snakemake.out", "w") as log:
@@ -144,9 +156,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = work / "results" / "summary" / "summary.md"
     if summary.is_file():
         print(f"\n{summary}:\n{summary.read_text()}")
-    print(f"jobs {int(table['jobs'].sum())}, job time summed {table['total_s'].sum() / 60:.1f} min, "
-          f"largest job RSS {table['max_rss_mb'].max() / 1024:.2f} GB, "
-          f"peak RSS of the whole run {sampler.peak / 2**30:.2f} GB")
+    print(
+        f"jobs {int(table['jobs'].sum())}, job time summed {table['total_s'].sum() / 60:.1f} min, "
+        f"largest job RSS {table['max_rss_mb'].max() / 1024:.2f} GB, "
+        f"peak RSS of the whole run {sampler.peak / 2**30:.2f} GB"
+    )
     if not args.keep and args.work is None:
         shutil.rmtree(work)
     verdict = "PASS" if wall <= target_min * 60 else "MISS"

@@ -46,16 +46,15 @@ from typing import Any
 os.environ.setdefault("TQDM_DISABLE", "1")  # the step's progress bars would only add noise here
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHARED, interleaved, load_line, median, verdict  # noqa: E402
+import nibabel as nib
+import numpy as np
+import torch
+from _common import SHARED, interleaved, load_line, median, verdict
 
-import nibabel as nib  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from stages.core.geometry import canonical_spacing, median_spacing, preprocess_case  # noqa: E402
-from stages.core.io import save_npy  # noqa: E402
-from stages.core.msd import read_dataset  # noqa: E402
-from stages.preprocess import run as preprocess_run  # noqa: E402
+from stages.core.geometry import canonical_spacing, median_spacing, preprocess_case
+from stages.core.io import save_npy
+from stages.core.msd import read_dataset
+from stages.preprocess import run as preprocess_run
 
 __all__ = ["main"]
 
@@ -132,7 +131,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--target-spacing", type=float, nargs=3, default=None, help="mm (default: median)")
     parser.add_argument("--monai-save", choices=["npy", "nifti", "atomic"], default="npy")
     parser.add_argument(
-        "--torch-threads", type=int, default=1,
+        "--torch-threads",
+        type=int,
+        default=1,
         help="torch threads for the MONAI chain (1: its fastest here; 2 spin-waits on a busy 2-core machine)",
     )
     parser.add_argument("--reps", type=int, default=5, help="repetitions (median reported), >= 3")
@@ -162,8 +163,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             from monai.transforms import SaveImaged
 
             save = SaveImaged(
-                ["image", "label"], output_dir=str(tmp / "monai"), separate_folder=False, resample=False,
-                output_dtype=np.float32, print_log=False,
+                ["image", "label"],
+                output_dir=str(tmp / "monai"),
+                separate_folder=False,
+                resample=False,
+                output_dtype=np.float32,
+                print_log=False,
             )
         outs = {"ours": tmp / "ours", "monai": tmp / "monai", "ours_core": tmp / "core"}
 

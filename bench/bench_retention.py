@@ -24,20 +24,56 @@ import pandas as pd
 import torch
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hippocampus"
-TRAIN = {"patch_size": [32, 32, 32], "batch_size": 2, "steps": 60, "lr": 0.003, "weight_decay": 1e-5,
-         "fg_ratio": 0.5, "checkpoint_every": 60, "val_every": 0, "amp": False, "seed": 0, "device": "cpu",
-         "overlap": 0.25, "warmup_steps": 0}
-MEDSEQFT = {"kd_kind": "kl", "kd_temperature": 2.0, "kd_weight": 1.0, "kd_mask": "foreground", "retention_weight": 0.5,
-            "buffer_batch_size": 2, "grad_log_every": 10, "lwf_weight": 0.5, "kd_dilation": 2,
-            "kd_background_share": 0.2, "retention_levels": "all", "retention_scale": "channel"}
+TRAIN = {
+    "patch_size": [32, 32, 32],
+    "batch_size": 2,
+    "steps": 60,
+    "lr": 0.003,
+    "weight_decay": 1e-5,
+    "fg_ratio": 0.5,
+    "checkpoint_every": 60,
+    "val_every": 0,
+    "amp": False,
+    "seed": 0,
+    "device": "cpu",
+    "overlap": 0.25,
+    "warmup_steps": 0,
+}
+MEDSEQFT = {
+    "kd_kind": "kl",
+    "kd_temperature": 2.0,
+    "kd_weight": 1.0,
+    "kd_mask": "foreground",
+    "retention_weight": 0.5,
+    "buffer_batch_size": 2,
+    "grad_log_every": 10,
+    "lwf_weight": 0.5,
+    "kd_dilation": 2,
+    "kd_background_share": 0.2,
+    "retention_levels": "all",
+    "retention_scale": "channel",
+}
 #: the schema's LoRA defaults, under each variant's ``lora``
-LORA = {"rank": 8, "alpha": 8, "dropout": 0.0, "targets": None, "enabled": True, "lr": None, "init": "zero",
-        "train_norms": False, "train_biases": False}
+LORA = {
+    "rank": 8,
+    "alpha": 8,
+    "dropout": 0.0,
+    "targets": None,
+    "enabled": True,
+    "lr": None,
+    "init": "zero",
+    "train_norms": False,
+    "train_biases": False,
+}
 
 #: name -> settings over MEDSEQFT (lora merged over the defaults)
 VARIANTS: dict[str, dict] = {
-    "old": {"lora": {"rank": 4, "alpha": 4, "lr": 0.003, "init": "zero"}, "kd_mask": "none",
-            "retention_levels": "deepest", "retention_scale": "none"},
+    "old": {
+        "lora": {"rank": 4, "alpha": 4, "lr": 0.003, "init": "zero"},
+        "kd_mask": "none",
+        "retention_levels": "deepest",
+        "retention_scale": "none",
+    },
     "r4_zero": {"lora": {"rank": 4, "alpha": 4, "init": "zero"}},
     "r8_zero": {"lora": {"rank": 8, "alpha": 8, "init": "zero"}},
     "r16_zero": {"lora": {"rank": 16, "alpha": 16, "init": "zero"}},
@@ -62,18 +98,45 @@ def prepare(root: Path) -> None:
 
     data = root / "data" / "anterior"
     if not (data / "manifest.parquet").is_file():
-        preprocess.run(DATA, data, {"labelled": True, "labels": [1], "seed": 0, "split": {"val": 0.1, "test": 0.2},
-                                    "target_spacing": [1.0, 1.0, 1.0], "normalisation": "mr"})
+        preprocess.run(
+            DATA,
+            data,
+            {
+                "labelled": True,
+                "labels": [1],
+                "seed": 0,
+                "split": {"val": 0.1, "test": 0.2},
+                "target_spacing": [1.0, 1.0, 1.0],
+                "normalisation": "mr",
+            },
+        )
     if not (root / "pool" / "manifest.parquet").is_file():
-        preprocess.run(DATA, root / "pool", {"labelled": False, "seed": 0, "target_spacing": [1.0, 1.0, 1.0],
-                                             "normalisation": "mr"})
+        preprocess.run(
+            DATA,
+            root / "pool",
+            {"labelled": False, "seed": 0, "target_spacing": [1.0, 1.0, 1.0], "normalisation": "mr"},
+        )
     if not (root / "m0" / "model.safetensors").is_file():
-        pretrain.run(root / "pool", root / "m0", root / "work" / "m0", {
-            "arch": "basicunet", "in_channels": 1, "arch_kwargs": {"features": [8, 8, 16, 32, 64, 8]},
-            "ssl": {"patch_size": [32, 32, 32], "mask_ratio": 0.5, "mask_patch": 8, "inpaint_weight": 1.0,
-                    "rotation_weight": 1.0},
-            "pretrain": {"steps": 150, "batch_size": 4, "lr": 0.002, "weight_decay": 1e-5, "checkpoint_every": 50}, "seed": 0,
-            "device": "cpu"})
+        pretrain.run(
+            root / "pool",
+            root / "m0",
+            root / "work" / "m0",
+            {
+                "arch": "basicunet",
+                "in_channels": 1,
+                "arch_kwargs": {"features": [8, 8, 16, 32, 64, 8]},
+                "ssl": {
+                    "patch_size": [32, 32, 32],
+                    "mask_ratio": 0.5,
+                    "mask_patch": 8,
+                    "inpaint_weight": 1.0,
+                    "rotation_weight": 1.0,
+                },
+                "pretrain": {"steps": 150, "batch_size": 4, "lr": 0.002, "weight_decay": 1e-5, "checkpoint_every": 50},
+                "seed": 0,
+                "device": "cpu",
+            },
+        )
     if not (root / "teacher" / "model.safetensors").is_file():
         train("finetune", root / "m0", [data], ["anterior"], root / "teacher", root / "work" / "teacher", TRAIN)
     if not (root / "buffer.parquet").is_file():
@@ -104,18 +167,32 @@ def run_variant(root: Path, name: str, steps: int) -> dict:
     data = root / "data" / "anterior"
     started = time.perf_counter()
     if not (out / "train_log.parquet").is_file():
-        train("retention", root / "m0", [data], ["anterior"], out, root / "work" / out.name, settings,
-              teacher=root / "teacher", buffers=[(root / "buffer.parquet", data)])
+        train(
+            "retention",
+            root / "m0",
+            [data],
+            ["anterior"],
+            out,
+            root / "work" / out.name,
+            settings,
+            teacher=root / "teacher",
+            buffers=[(root / "buffer.parquet", data)],
+        )
     seconds = time.perf_counter() - started
     base = load_model(root / "m0")
     base.add_head("anterior", 2)
     model = merge_lora(load_adapter(base, out)).eval()
     log = pd.read_parquet(out / "train_log.parquet")
     terms = [c for c in log.columns if c in ("seg", "kd", "retention", "lwf") or c.startswith(("grad_", "retention_l"))]
-    half = log.iloc[len(log) // 2:]
+    half = log.iloc[len(log) // 2 :]
     with torch.no_grad():
-        row = {"variant": name, "steps": steps, "val_dice": dice(model, data, "val"), "test_dice": dice(model, data, "test"),
-               "train_s": round(seconds, 1)}
+        row = {
+            "variant": name,
+            "steps": steps,
+            "val_dice": dice(model, data, "val"),
+            "test_dice": dice(model, data, "test"),
+            "train_s": round(seconds, 1),
+        }
     row.update({f"{c}@1": float(log[c].dropna().iloc[0]) for c in terms if log[c].notna().any()})
     row.update({f"{c}@2nd_half": float(half[c].mean()) for c in terms})
     return row
@@ -135,8 +212,16 @@ def main() -> None:
 
         teacher = load_model(args.root / "teacher").eval()
         with torch.no_grad():
-            print(json.dumps({"variant": "teacher", "val_dice": dice(teacher, args.root / "data" / "anterior", "val"),
-                              "test_dice": dice(teacher, args.root / "data" / "anterior", "test")}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "variant": "teacher",
+                        "val_dice": dice(teacher, args.root / "data" / "anterior", "val"),
+                        "test_dice": dice(teacher, args.root / "data" / "anterior", "test"),
+                    }
+                ),
+                flush=True,
+            )
     for name in args.variant:
         print(json.dumps(run_variant(args.root, name, args.steps)), flush=True)
 

@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.core.nets import FoundationNet  # noqa: E402
-from stages.core.ssl import score_case  # noqa: E402
+from stages.core.nets import FoundationNet
+from stages.core.ssl import score_case
 
 __all__ = ["main"]
 
@@ -59,8 +59,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     model.to(device).eval()
     rng = np.random.default_rng(0)
     cases = [
-        (f"case{i}", torch.from_numpy(rng.normal(size=(1, 48, 44, 40)).astype(np.float32)))
-        for i in range(args.cases)
+        (f"case{i}", torch.from_numpy(rng.normal(size=(1, 48, 44, 40)).astype(np.float32))) for i in range(args.cases)
     ]
     kw = dict(R=args.R, patch_size=patch, mask_ratio=0.5, mask_patch=8, seed=0)
 

@@ -47,13 +47,12 @@ from pathlib import Path
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHARED, load_line  # noqa: E402
+import numpy as np
+import torch
+from _common import SHARED, load_line
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from stages.core.io import make_provenance, read_parquet  # noqa: E402
-from stages.core.nets import FoundationNet, load_model, save_model  # noqa: E402
+from stages.core.io import make_provenance, read_parquet
+from stages.core.nets import FoundationNet, load_model, save_model
 
 __all__ = ["main", "plain_monai", "test_dice"]
 
@@ -95,8 +94,14 @@ def _place(size: int, frame: int, g: torch.Generator) -> tuple[slice, slice]:
     return slice(c, c + frame), slice(0, frame)
 
 
-def plain_monai(cases: Sequence[tuple[torch.Tensor, torch.Tensor]], num_classes: int, steps: int, batch: int,
-                lr: float, seed: int = 0) -> torch.nn.Module:
+def plain_monai(
+    cases: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    num_classes: int,
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int = 0,
+) -> torch.nn.Module:
     """The plain MONAI recipe: whole volumes padded (or cropped) to 40 x 56 x 40 at a random offset, DiceCE,
     AdamW, cosine; the final model."""
     from monai.losses import DiceCELoss
@@ -124,8 +129,11 @@ def plain_monai(cases: Sequence[tuple[torch.Tensor, torch.Tensor]], num_classes:
     return net.eval()
 
 
-def test_dice(predict: Callable[[torch.Tensor], torch.Tensor], cases: Sequence[tuple[torch.Tensor, torch.Tensor]],
-              num_classes: int) -> tuple[float, list[float]]:
+def test_dice(
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    cases: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    num_classes: int,
+) -> tuple[float, list[float]]:
     """Mean over test cases and foreground classes of the Dice of argmax predictions (empty pair = 1).
 
     Each volume is zero-padded at its far ends to a multiple of 8 and predicted in one forward pass.
@@ -156,9 +164,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--val-every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cases", type=int, default=0, help="only the first N cases (0 = all)")
-    parser.add_argument("--norm", choices=["group", "instance"], default="instance",
-                        help="the pipeline UNet's norm: instance (non-affine, as the plain script's MONAI default) "
-                             "or group (4 groups, the pipeline's default)")
+    parser.add_argument(
+        "--norm",
+        choices=["group", "instance"],
+        default="instance",
+        help="the pipeline UNet's norm: instance (non-affine, as the plain script's MONAI default) "
+        "or group (4 groups, the pipeline's default)",
+    )
     parser.add_argument("--quick", action="store_true", help="100 steps, validation every 50 (smoke test)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -175,8 +187,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         dataset = _subset(args.data, args.cases, tmp / "subset") if args.cases else args.data
         data = tmp / "data"
         started = time.perf_counter()
-        preprocess_run(dataset, data, {"seed": args.seed, "split": {"val": 0.1, "test": 0.2},
-                                       "target_spacing": [1.0, 1.0, 1.0], "normalisation": "mr"})
+        preprocess_run(
+            dataset,
+            data,
+            {
+                "seed": args.seed,
+                "split": {"val": 0.1, "test": 0.2},
+                "target_spacing": [1.0, 1.0, 1.0],
+                "normalisation": "mr",
+            },
+        )
         print(f"preprocess: {time.perf_counter() - started:.1f} s", flush=True)
         manifest = read_parquet(data / "manifest.parquet")
         num_classes = int(manifest["num_classes"].iloc[0])
@@ -189,18 +209,40 @@ def main(argv: Sequence[str] | None = None) -> None:
         plain = plain_monai(train_cases, num_classes, args.steps, args.batch, args.lr, args.seed)
         plain_s = time.perf_counter() - started
         plain_dice, plain_cls = test_dice(plain, test_cases, num_classes)
-        print(f"plain MONAI: {plain_s:.1f} s, test Dice {plain_dice:.4f} (per class "
-              f"{', '.join(f'{d:.3f}' for d in plain_cls)})", flush=True)
+        print(
+            f"plain MONAI: {plain_s:.1f} s, test Dice {plain_dice:.4f} (per class "
+            f"{', '.join(f'{d:.3f}' for d in plain_cls)})",
+            flush=True,
+        )
 
         # -- pipeline ---------------------------------------------------------------------------------
         norm = ["group", {"num_groups": 4}] if args.norm == "group" else "instance"
-        m0 = FoundationNet("unet", arch_kwargs={"channels": [16, 32, 64, 128], "num_res_units": 2, "norm": norm},
-                           ssl={}, seed=args.seed)
-        save_model(m0, tmp / "m0", make_provenance("pretrain", {"bench_supervised": "random initialisation, no pre-training"}, seed=args.seed))
-        settings = {"patch_size": list(SHAPE), "batch_size": args.batch, "steps": args.steps, "lr": args.lr,
-                    "weight_decay": 1e-5, "warmup_steps": args.warmup, "fg_ratio": 0.0,
-                    "checkpoint_every": max(1, args.steps // 5), "val_every": args.val_every, "overlap": 0.0,
-                    "seed": args.seed, "device": "cpu", "amp": False}
+        m0 = FoundationNet(
+            "unet",
+            arch_kwargs={"channels": [16, 32, 64, 128], "num_res_units": 2, "norm": norm},
+            ssl={},
+            seed=args.seed,
+        )
+        save_model(
+            m0,
+            tmp / "m0",
+            make_provenance("pretrain", {"bench_supervised": "random initialisation, no pre-training"}, seed=args.seed),
+        )
+        settings = {
+            "patch_size": list(SHAPE),
+            "batch_size": args.batch,
+            "steps": args.steps,
+            "lr": args.lr,
+            "weight_decay": 1e-5,
+            "warmup_steps": args.warmup,
+            "fg_ratio": 0.0,
+            "checkpoint_every": max(1, args.steps // 5),
+            "val_every": args.val_every,
+            "overlap": 0.0,
+            "seed": args.seed,
+            "device": "cpu",
+            "amp": False,
+        }
         started = time.perf_counter()
         train_run("finetune", tmp / "m0", [data], ["hippocampus"], tmp / "out", tmp / "work", settings)
         pipe_s = time.perf_counter() - started
@@ -209,15 +251,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         val = log[np.isfinite(log["val_score"])]
         best = int(val.loc[val["val_score"].idxmax(), "step"]) if not val.empty else args.steps
         pipe_dice, pipe_cls = test_dice(lambda x: model.segment(x, "hippocampus"), test_cases, num_classes)
-        print(f"pipeline: {pipe_s:.1f} s, test Dice {pipe_dice:.4f} (per class "
-              f"{', '.join(f'{d:.3f}' for d in pipe_cls)}), best val step {best}, "
-              f"val Dice {', '.join(f'{int(r.step)}:{r.val_score:.3f}' for r in val.itertuples())}", flush=True)
+        print(
+            f"pipeline: {pipe_s:.1f} s, test Dice {pipe_dice:.4f} (per class "
+            f"{', '.join(f'{d:.3f}' for d in pipe_cls)}), best val step {best}, "
+            f"val Dice {', '.join(f'{int(r.step)}:{r.val_score:.3f}' for r in val.itertuples())}",
+            flush=True,
+        )
         shutil.rmtree(tmp / "work", ignore_errors=True)
 
     ratio = pipe_s / plain_s
     ok = pipe_dice >= plain_dice and ratio <= 1.2
-    print(f"supervised Dice pipeline {pipe_dice:.4f} vs plain {plain_dice:.4f}, time ratio {ratio:.2f}x "
-          f"(goal: Dice >= plain, time <= 1.2x): {'PASS' if ok else 'MISS'}")
+    print(
+        f"supervised Dice pipeline {pipe_dice:.4f} vs plain {plain_dice:.4f}, time ratio {ratio:.2f}x "
+        f"(goal: Dice >= plain, time <= 1.2x): {'PASS' if ok else 'MISS'}"
+    )
 
 
 if __name__ == "__main__":

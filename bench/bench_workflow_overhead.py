@@ -37,9 +37,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, interleaved, load_line, median, verdict  # noqa: E402
-
-import yaml  # noqa: E402
+import yaml
+from _common import REPO, interleaved, load_line, median, verdict
 
 __all__ = ["main", "make_config"]
 
@@ -121,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         (one / "Snakefile").write_text(ONE_RULE)
 
         jobs = re.search(r"^total\s+(\d+)", _snakemake(dry, "-n").stdout, re.M)
-        for attempt in range(3):  # a stage module edited meanwhile changes the rules' code params
+        for _attempt in range(3):  # a stage module edited meanwhile changes the rules' code params
             n_outputs = _complete(done)
             check = _snakemake(done, "-n")
             if "Nothing to be done" in check.stdout + check.stderr:

@@ -11,7 +11,7 @@ reference is compared byte for byte (training logs excepted: they hold wall-cloc
 
 The last line is ``kills: N, resumed: M, identical: yes|no``; ``resumed`` counts training jobs whose
 log shows ``resuming from step N`` with N > 0. The module is also the harness of
-tests/test_reliability.py (processes, checkpoints, logs, comparisons).
+tests/integration/test_reliability.py (processes, checkpoints, logs, comparisons).
 """
 
 from __future__ import annotations
@@ -34,9 +34,29 @@ from typing import Any
 import yaml
 
 __all__ = [
-    "COMPARED", "CONFIG", "JOBS", "PREPARED", "SNAKEFILE", "TARGET", "JobSpec", "Run", "checkpoint_step",
-    "compare_files", "job_pids", "main", "make_workdir", "read_log", "result_files", "resume_steps", "saved_steps",
-    "signal_quietly", "snakemake", "snakemake_cmd", "stage_pids", "stray_temporaries", "wait_no_stage_processes",
+    "COMPARED",
+    "CONFIG",
+    "JOBS",
+    "PREPARED",
+    "SNAKEFILE",
+    "TARGET",
+    "JobSpec",
+    "Run",
+    "checkpoint_step",
+    "compare_files",
+    "job_pids",
+    "main",
+    "make_workdir",
+    "read_log",
+    "result_files",
+    "resume_steps",
+    "saved_steps",
+    "signal_quietly",
+    "snakemake",
+    "snakemake_cmd",
+    "stage_pids",
+    "stray_temporaries",
+    "wait_no_stage_processes",
     "wait_until",
 ]
 
@@ -81,10 +101,18 @@ class JobSpec:
 
 JOBS = {
     "pretrain": JobSpec("pretrain", "stages.pretrain", "logs/foundation/pretrain.log", "results/work/foundation"),
-    "teacher": JobSpec("teacher", "stages.train", "logs/train/medseqft/organ_lesion_teacher.log",
-                       "results/work/medseqft/organ_lesion/teacher"),
-    "retention": JobSpec("retention", "stages.train", "logs/train/medseqft/organ_lesion_retention.log",
-                         "results/work/medseqft/organ_lesion/adapter"),
+    "teacher": JobSpec(
+        "teacher",
+        "stages.train",
+        "logs/train/medseqft/organ_lesion_teacher.log",
+        "results/work/medseqft/organ_lesion/teacher",
+    ),
+    "retention": JobSpec(
+        "retention",
+        "stages.train",
+        "logs/train/medseqft/organ_lesion_retention.log",
+        "results/work/medseqft/organ_lesion/adapter",
+    ),
     "merge": JobSpec("merge", "stages.merge", "logs/merge/medseqft/organ_lesion.log"),
     "evaluate": JobSpec("evaluate", "stages.evaluate", "logs/evaluate/medseqft/organ_lesion.log"),
 }
@@ -101,8 +129,20 @@ def snakemake_cmd(workdir: Path, *args: str) -> list[str]:
     run must be resumed with the thread count it started with: the float sums of a multi-threaded
     conv3d depend on it, so 1 and 2 threads give different weights.
     """
-    return [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "-d", str(workdir), "--cores", "2",
-            "--max-threads", "1", *args]
+    return [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(SNAKEFILE),
+        "-d",
+        str(workdir),
+        "--cores",
+        "2",
+        "--max-threads",
+        "1",
+        *args,
+    ]
 
 
 def snakemake(workdir: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
@@ -325,8 +365,11 @@ def result_files(workdir: Path) -> list[str]:
 def stray_temporaries(workdir: Path) -> list[str]:
     """Temporary files of atomic writes left in results/ (a process killed inside a write leaves one)."""
     root = Path(workdir)
-    return sorted(str(p.relative_to(root)) for p in (root / "results").rglob(".*.tmp*")
-                  if "results/work/" not in str(p.relative_to(root)) + "/")
+    return sorted(
+        str(p.relative_to(root))
+        for p in (root / "results").rglob(".*.tmp*")
+        if "results/work/" not in str(p.relative_to(root)) + "/"
+    )
 
 
 # ------------------------------------------------------------------------------------- the random run
@@ -366,8 +409,7 @@ def _random_kill(run: Run, workdir: Path, rng: random.Random, max_delay: float, 
     if on_job and victims:
         pid, argv = rng.choice(victims)
         module = argv[argv.index("-m") + 1]
-        job = next((j.name for j in JOBS.values() if j.module == module and (j.work is None or j.work in argv)),
-                   module)
+        job = next((j.name for j in JOBS.values() if j.module == module and (j.work is None or j.work in argv)), module)
         try:
             os.kill(pid, SIGNALS[sig_name])
             tally.kills.append(f"{sig_name} {job}")
@@ -454,8 +496,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     problems = compare_files(reference, killed, files)
     extra = sorted(set(result_files(killed)) - set(files))
     print(f"killed run: {time.time() - started:.0f} s, {tally.starts} starts, {tally.unlocks} unlocks", file=sys.stderr)
-    print(f"compared {len(files)} files; differing or missing: {problems or 'none'}; extra: {extra or 'none'}",
-          file=sys.stderr)
+    print(
+        f"compared {len(files)} files; differing or missing: {problems or 'none'}; extra: {extra or 'none'}",
+        file=sys.stderr,
+    )
     print(f"stray temporaries: {stray_temporaries(killed) or 'none'}", file=sys.stderr)
     print(f"resumed: {tally.resumed}", file=sys.stderr)
     kinds: dict[str, int] = {}

@@ -68,8 +68,26 @@ LOG_STAGES = ("train", "teacher", "adapter", "pretrain")
 
 FORGETTING_COLUMNS = ["method", "step", "task", "step_index", "task_index", "dice", "cases"]
 BWT_COLUMNS = ["method", "bwt", "tasks", "final_step"]
-PAIRED_COLUMNS = ["reference", "method", "task", "step", "metric", "cases", "mean_diff", "ci_low", "ci_high",
-                  "ci", "n_boot", "seed", "seeds_ref", "seeds", "seed_sd", "steps_ref", "steps", "compute_matched"]
+PAIRED_COLUMNS = [
+    "reference",
+    "method",
+    "task",
+    "step",
+    "metric",
+    "cases",
+    "mean_diff",
+    "ci_low",
+    "ci_high",
+    "ci",
+    "n_boot",
+    "seed",
+    "seeds_ref",
+    "seeds",
+    "seed_sd",
+    "steps_ref",
+    "steps",
+    "compute_matched",
+]
 CASE_RESAMPLING = ("shared", "per_seed")
 BUDGET_OUT_COLUMNS = ["strategy", "round", "labels", "dice_mean", "dice_std", "seeds"]
 LOG_KEYS = ["method", "step", "stage", "iteration"]
@@ -112,8 +130,7 @@ class SummarySettings:
     @classmethod
     def from_mapping(cls, settings: Mapping[str, Any]) -> SummarySettings:
         """Build from the ``--settings`` JSON object, refusing unknown keys and bad values by name."""
-        known = {"reference", "n_boot", "ci", "seed", "order", "labels_per_round", "training_steps",
-                 "case_resampling"}
+        known = {"reference", "n_boot", "ci", "seed", "order", "labels_per_round", "training_steps", "case_resampling"}
         unknown = sorted(set(settings) - known)
         if unknown:
             raise InputError("--settings", f"unknown keys {unknown} (known: {sorted(known)})")
@@ -124,8 +141,9 @@ class SummarySettings:
         if not 0 < float(out.ci) < 1:
             raise InputError("--settings", f"ci must lie in (0, 1), got {out.ci!r}")
         if out.case_resampling not in CASE_RESAMPLING:
-            raise InputError("--settings", f"case_resampling must be one of {list(CASE_RESAMPLING)}, "
-                                           f"got {out.case_resampling!r}")
+            raise InputError(
+                "--settings", f"case_resampling must be one of {list(CASE_RESAMPLING)}, got {out.case_resampling!r}"
+            )
         bad = {k: v for k, v in out.training_steps.items() if not isinstance(v, int) or v < 0}
         if bad:
             raise InputError("--settings", f"training_steps must map names to step counts >= 0, got {bad}")
@@ -166,7 +184,8 @@ def _own_mask(cases: pd.DataFrame) -> np.ndarray:
     own = (cases["step"] == cases["task"]).to_numpy()
     have = set(zip(cases["method"][own], cases["task"][own]))
     multi = (cases["step"] == MULTITASK_STEP).to_numpy() & np.array(
-        [(m, t) not in have for m, t in zip(cases["method"], cases["task"])], dtype=bool)
+        [(m, t) not in have for m, t in zip(cases["method"], cases["task"])], dtype=bool
+    )
     return own | multi
 
 
@@ -178,11 +197,7 @@ def seed_case_table(metrics: pd.DataFrame, default_seed: int = 0) -> pd.DataFram
     fg = metrics[metrics["class"] >= 1]
     seeds = fg["seed"] if "seed" in fg.columns else pd.Series(np.nan, index=fg.index)
     fg = fg.assign(seed=pd.to_numeric(seeds, errors="coerce").fillna(default_seed).astype("int64"))
-    out = (
-        fg.groupby(["method", "step", "task", "seed", "case", "metric"], sort=True)["value"]
-        .mean()
-        .reset_index()
-    )
+    out = fg.groupby(["method", "step", "task", "seed", "case", "metric"], sort=True)["value"].mean().reset_index()
     out["own_step"] = _own_mask(out)
     return out
 
@@ -207,8 +222,11 @@ def summary_table(metrics: pd.DataFrame, default_seed: int = 0) -> pd.DataFrame:
     per_seed = seed_case_table(metrics, default_seed)
     per_seed = per_seed[per_seed["own_step"]]
     per_seed = per_seed.groupby(["method", "task", "metric", "seed"], sort=True)["value"].mean().reset_index()
-    spread = (per_seed.groupby(["method", "task", "metric"], sort=True)["value"]
-              .agg(seeds="count", seed_std="std").reset_index())
+    spread = (
+        per_seed.groupby(["method", "task", "metric"], sort=True)["value"]
+        .agg(seeds="count", seed_std="std")
+        .reset_index()
+    )
     out = out.merge(spread, on=["method", "task", "metric"], how="left")
     out["seeds"] = out["seeds"].astype("int64")
     return out[["method", "step", "task", "metric", "mean", "std", "cases", "seeds", "seed_std"]]
@@ -219,8 +237,10 @@ def _step_order(method_cases: pd.DataFrame, order: Sequence[str]) -> list[str]:
     if order:
         stray = sorted(steps - set(order))
         if stray:
-            raise InputError("--metrics", f"method {method_cases['method'].iloc[0]} has steps {stray} outside the "
-                                          f"task order {list(order)}")
+            raise InputError(
+                "--metrics",
+                f"method {method_cases['method'].iloc[0]} has steps {stray} outside the task order {list(order)}",
+            )
         return [s for s in order if s in steps]
     # without an order, a later step has been evaluated on more tasks (every earlier task plus its own)
     width = method_cases.groupby("step")["task"].nunique()
@@ -250,10 +270,22 @@ def sequential_matrix(cases: pd.DataFrame, order: Sequence[str] = ()) -> pd.Data
             for j, task in enumerate(steps[: i + 1]):
                 cell = mc[(mc["step"] == step) & (mc["task"] == task)]["value"]
                 if cell.empty:
-                    raise InputError("--metrics", f"method {method}: the model after step {step} has no Dice on "
-                                                  f"earlier task {task}; R[i, j] needs every task j <= i")
-                rows.append({"method": method, "step": step, "task": task, "step_index": i, "task_index": j,
-                             "dice": float(cell.mean()), "cases": int(cell.count())})
+                    raise InputError(
+                        "--metrics",
+                        f"method {method}: the model after step {step} has no Dice on "
+                        f"earlier task {task}; R[i, j] needs every task j <= i",
+                    )
+                rows.append(
+                    {
+                        "method": method,
+                        "step": step,
+                        "task": task,
+                        "step_index": i,
+                        "task_index": j,
+                        "dice": float(cell.mean()),
+                        "cases": int(cell.count()),
+                    }
+                )
     return pd.DataFrame(rows, columns=FORGETTING_COLUMNS)
 
 
@@ -298,9 +330,15 @@ def bootstrap_mean_ci(diffs: np.ndarray, n_boot: int, ci: float, rng: np.random.
     return float(low), float(high)
 
 
-def hierarchical_bootstrap_ci(ref: np.ndarray, other: np.ndarray, n_boot: int, ci: float,
-                              rng: np.random.Generator, paired_seeds: bool = True,
-                              case_resampling: str = "shared") -> tuple[float, float, float, float]:
+def hierarchical_bootstrap_ci(
+    ref: np.ndarray,
+    other: np.ndarray,
+    n_boot: int,
+    ci: float,
+    rng: np.random.Generator,
+    paired_seeds: bool = True,
+    case_resampling: str = "shared",
+) -> tuple[float, float, float, float]:
     """Percentile interval of the mean difference ``ref − other`` that resamples training seeds, then cases.
 
     Each resample draws seeds with replacement (the same draw for both models when ``paired_seeds``: the
@@ -375,8 +413,9 @@ def _seed_matrix(rows: pd.DataFrame) -> pd.DataFrame:
     return rows.pivot_table(index="seed", columns="case", values="value", aggfunc="mean").sort_index()
 
 
-def _compare(ref_rows: pd.DataFrame, other_rows: pd.DataFrame, settings: SummarySettings,
-             names: Sequence[str]) -> dict[str, Any] | None:
+def _compare(
+    ref_rows: pd.DataFrame, other_rows: pd.DataFrame, settings: SummarySettings, names: Sequence[str]
+) -> dict[str, Any] | None:
     """One paired row (mean, interval, seed counts and spread) of ref − other on their common cases."""
     a, b = _seed_matrix(ref_rows), _seed_matrix(other_rows)
     # a case counts when every seed of both models has it
@@ -385,18 +424,36 @@ def _compare(ref_rows: pd.DataFrame, other_rows: pd.DataFrame, settings: Summary
         return None
     paired = list(a.index) == list(b.index)
     mean, low, high, seed_sd = hierarchical_bootstrap_ci(
-        a[common].to_numpy(), b[common].to_numpy(), settings.n_boot, settings.ci,
-        _stream(settings.seed, *names), paired_seeds=paired, case_resampling=settings.case_resampling)
-    return {"cases": len(common), "mean_diff": mean, "ci_low": low, "ci_high": high, "ci": float(settings.ci),
-            "n_boot": int(settings.n_boot), "seed": int(settings.seed), "seeds_ref": int(len(a.index)),
-            "seeds": int(len(b.index)), "seed_sd": seed_sd}
+        a[common].to_numpy(),
+        b[common].to_numpy(),
+        settings.n_boot,
+        settings.ci,
+        _stream(settings.seed, *names),
+        paired_seeds=paired,
+        case_resampling=settings.case_resampling,
+    )
+    return {
+        "cases": len(common),
+        "mean_diff": mean,
+        "ci_low": low,
+        "ci_high": high,
+        "ci": float(settings.ci),
+        "n_boot": int(settings.n_boot),
+        "seed": int(settings.seed),
+        "seeds_ref": int(len(a.index)),
+        "seeds": int(len(b.index)),
+        "seed_sd": seed_sd,
+    }
 
 
 def _steps_of(settings: SummarySettings, ref: str, other: str) -> dict[str, Any]:
     known = settings.training_steps
     mine, theirs = known.get(ref), known.get(other)
-    return {"steps_ref": -1 if mine is None else int(mine), "steps": -1 if theirs is None else int(theirs),
-            "compute_matched": mine is not None and mine == theirs}
+    return {
+        "steps_ref": -1 if mine is None else int(mine),
+        "steps": -1 if theirs is None else int(theirs),
+        "compute_matched": mine is not None and mine == theirs,
+    }
 
 
 def paired_comparisons(cases: pd.DataFrame, settings: SummarySettings) -> pd.DataFrame:
@@ -423,9 +480,17 @@ def paired_comparisons(cases: pd.DataFrame, settings: SummarySettings) -> pd.Dat
         row = _compare(mine, other, settings, (settings.reference, method, task, metric))
         if row is None:
             continue
-        rows.append({"reference": settings.reference, "method": method, "task": task,
-                     "step": str(other["step"].iloc[0]), "metric": metric, **row,
-                     **_steps_of(settings, settings.reference, method)})
+        rows.append(
+            {
+                "reference": settings.reference,
+                "method": method,
+                "task": task,
+                "step": str(other["step"].iloc[0]),
+                "metric": metric,
+                **row,
+                **_steps_of(settings, settings.reference, method),
+            }
+        )
     return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
 
 
@@ -464,8 +529,17 @@ def active_paired_comparisons(cases: pd.DataFrame, settings: SummarySettings) ->
         row = _compare(mine_rows, other, settings, (reference, name, task, metric))
         if row is None:
             continue
-        rows.append({"reference": reference, "method": name, "task": task, "step": step, "metric": metric,
-                     **row, **_steps_of(settings, reference, name)})
+        rows.append(
+            {
+                "reference": reference,
+                "method": name,
+                "task": task,
+                "step": step,
+                "metric": metric,
+                **row,
+                **_steps_of(settings, reference, name),
+            }
+        )
     return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
 
 
@@ -480,20 +554,24 @@ def active_rounds(metrics: pd.DataFrame, labels_per_round: int) -> pd.DataFrame:
     """
     if labels_per_round <= 0:
         return pd.DataFrame(columns=BUDGET_COLUMNS)
-    dice = metrics[(metrics["metric"] == "dice") & (metrics["class"] >= 1) & metrics["method"].str.startswith(ACTIVE_PREFIX)]
+    dice = metrics[
+        (metrics["metric"] == "dice") & (metrics["class"] >= 1) & metrics["method"].str.startswith(ACTIVE_PREFIX)
+    ]
     rnd = dice["step"].str.extract(r"^round(\d+)$", expand=False)
     dice = dice[rnd.notna()].assign(round=rnd.dropna().astype(int))
     if dice.empty:
         return pd.DataFrame(columns=BUDGET_COLUMNS)
     per_case = dice.groupby(["method", "round", "seed", "case"])["value"].mean().reset_index()
     per_seed = per_case.groupby(["method", "round", "seed"])["value"].mean().reset_index()
-    return pd.DataFrame({
-        "strategy": per_seed["method"].str.slice(len(ACTIVE_PREFIX)),
-        "round": per_seed["round"].astype("int64"),
-        "labels": ((per_seed["round"] + 1) * labels_per_round).astype("int64"),
-        "seed": per_seed["seed"].astype("int64"),
-        "dice": per_seed["value"].astype(float),
-    })[list(BUDGET_COLUMNS)]
+    return pd.DataFrame(
+        {
+            "strategy": per_seed["method"].str.slice(len(ACTIVE_PREFIX)),
+            "round": per_seed["round"].astype("int64"),
+            "labels": ((per_seed["round"] + 1) * labels_per_round).astype("int64"),
+            "seed": per_seed["seed"].astype("int64"),
+            "dice": per_seed["value"].astype(float),
+        }
+    )[list(BUDGET_COLUMNS)]
 
 
 def budget_table(rounds: pd.DataFrame) -> pd.DataFrame:
@@ -587,32 +665,76 @@ def _paired_section(reference: str, paired: pd.DataFrame, settings: SummarySetti
     for r in paired.itertuples(index=False):
         steps = "–" if r.steps_ref < 0 or r.steps < 0 else f"{r.steps_ref} / {r.steps}"
         matched = "yes" if r.compute_matched else ("–" if steps == "–" else "no")
-        rows.append([r.method, r.task, METRIC_TITLES[r.metric], f"{r.seeds_ref} / {r.seeds}", str(r.cases),
-                     _signed(r.mean_diff), f"[{_signed(r.ci_low)}, {_signed(r.ci_high)}]", _fmt(r.seed_sd),
-                     steps, matched])
+        rows.append(
+            [
+                r.method,
+                r.task,
+                METRIC_TITLES[r.metric],
+                f"{r.seeds_ref} / {r.seeds}",
+                str(r.cases),
+                _signed(r.mean_diff),
+                f"[{_signed(r.ci_low)}, {_signed(r.ci_high)}]",
+                _fmt(r.seed_sd),
+                steps,
+                matched,
+            ]
+        )
     several = bool(((paired["seeds_ref"] > 1) | (paired["seeds"] > 1)).any())
-    how = ("resampling training seeds, then test cases" + (
-        " (one case draw shared by every drawn seed)" if settings.case_resampling == "shared"
-        else " (cases drawn anew within each seed)") + "; seeds are paired where both sides ran the same seeds"
-           if several else "over test cases (one training seed on each side)")
-    return Section(2, f"Paired comparison: {reference} − each method",
-                   f"Mean over the same test cases and training seeds of ({reference} − method), {pct} percentile "
-                   f"bootstrap interval {how} ({settings.n_boot} resamples, seed {settings.seed}); seed sd: the "
-                   "sample sd over paired seeds of the per-seed mean difference. Training steps: optimiser steps of "
-                   "the jobs that made each model from its start model (K&G RFT: teacher + student; a "
-                   "semi-supervised or continued ASSFT model: its round model's steps + the continuation's); "
-                   "compute-matched when equal. Dice: positive favours the reference; HD95: negative favours it.",
-                   ["method", "task", "metric", "seeds (ref / method)", "cases", "mean difference", f"{pct} CI",
-                    "seed sd", "training steps (ref / method)", "compute-matched"], rows)
+    how = (
+        "resampling training seeds, then test cases"
+        + (
+            " (one case draw shared by every drawn seed)"
+            if settings.case_resampling == "shared"
+            else " (cases drawn anew within each seed)"
+        )
+        + "; seeds are paired where both sides ran the same seeds"
+        if several
+        else "over test cases (one training seed on each side)"
+    )
+    return Section(
+        2,
+        f"Paired comparison: {reference} − each method",
+        f"Mean over the same test cases and training seeds of ({reference} − method), {pct} percentile "
+        f"bootstrap interval {how} ({settings.n_boot} resamples, seed {settings.seed}); seed sd: the "
+        "sample sd over paired seeds of the per-seed mean difference. Training steps: optimiser steps of "
+        "the jobs that made each model from its start model (K&G RFT: teacher + student; a "
+        "semi-supervised or continued ASSFT model: its round model's steps + the continuation's); "
+        "compute-matched when equal. Dice: positive favours the reference; HD95: negative favours it.",
+        [
+            "method",
+            "task",
+            "metric",
+            "seeds (ref / method)",
+            "cases",
+            "mean difference",
+            f"{pct} CI",
+            "seed sd",
+            "training steps (ref / method)",
+            "compute-matched",
+        ],
+        rows,
+    )
 
 
-def _sections(summary: pd.DataFrame, forgetting: pd.DataFrame, bwt: pd.DataFrame, paired: pd.DataFrame,
-              budget: pd.DataFrame, logs: pd.DataFrame, settings: SummarySettings) -> list[Section]:
-    out = [Section(1, "segadapt summary",
-                   "Test-set mean ± sample std over cases; a case's value is the mean over its foreground classes. "
-                   "Each method is scored with the model of the step that learned the task (`all` for multi-task "
-                   "training). A value without ± comes from a single case. A model trained under several seeds has "
-                   "each case's mean over its seeds here; the spread between seeds has its own table.")]
+def _sections(
+    summary: pd.DataFrame,
+    forgetting: pd.DataFrame,
+    bwt: pd.DataFrame,
+    paired: pd.DataFrame,
+    budget: pd.DataFrame,
+    logs: pd.DataFrame,
+    settings: SummarySettings,
+) -> list[Section]:
+    out = [
+        Section(
+            1,
+            "segadapt summary",
+            "Test-set mean ± sample std over cases; a case's value is the mean over its foreground classes. "
+            "Each method is scored with the model of the step that learned the task (`all` for multi-task "
+            "training). A value without ± comes from a single case. A model trained under several seeds has "
+            "each case's mean over its seeds here; the spread between seeds has its own table.",
+        )
+    ]
     for metric in SUMMARY_METRICS:
         part = summary[summary["metric"] == metric]
         if part.empty:
@@ -630,9 +752,15 @@ def _sections(summary: pd.DataFrame, forgetting: pd.DataFrame, bwt: pd.DataFrame
                 else:
                     cells.append(f"{_fmt(r['mean'].iloc[0])} ± {_fmt(r['std'].iloc[0])}")
             rows.append([method, *cells, _fmt(grp["mean"].mean())])
-        out.append(Section(2, f"{METRIC_TITLES[metric]}: mean ± std over test cases",
-                           "The last column is the mean of the method's task means.",
-                           ["method", *tasks, "mean over tasks"], rows))
+        out.append(
+            Section(
+                2,
+                f"{METRIC_TITLES[metric]}: mean ± std over test cases",
+                "The last column is the mean of the method's task means.",
+                ["method", *tasks, "mean over tasks"],
+                rows,
+            )
+        )
     seeded = summary[summary["seeds"] > 1] if "seeds" in summary.columns else summary.iloc[:0]
     for metric in SUMMARY_METRICS:
         part = seeded[seeded["metric"] == metric]
@@ -640,24 +768,40 @@ def _sections(summary: pd.DataFrame, forgetting: pd.DataFrame, bwt: pd.DataFrame
             continue
         tasks = sorted(summary.loc[summary["metric"] == metric, "task"].unique())
         rows = []
-        for method, grp in summary[(summary["metric"] == metric)
-                                   & summary["method"].isin(set(part["method"]))].groupby("method", sort=True):
+        for method, grp in summary[(summary["metric"] == metric) & summary["method"].isin(set(part["method"]))].groupby(
+            "method", sort=True
+        ):
             cells = []
             for t in tasks:
                 r = grp[grp["task"] == t]
-                cells.append("–" if r.empty else f"{_fmt(r['mean'].iloc[0])} ± {_fmt(r['seed_std'].iloc[0])} "
-                                                  f"({int(r['seeds'].iloc[0])})")
+                cells.append(
+                    "–"
+                    if r.empty
+                    else f"{_fmt(r['mean'].iloc[0])} ± {_fmt(r['seed_std'].iloc[0])} ({int(r['seeds'].iloc[0])})"
+                )
             rows.append([method, *cells])
-        out.append(Section(2, f"{METRIC_TITLES[metric]}: mean ± sd over training seeds",
-                           "Methods trained under several seeds: the mean over seeds of each seed's mean over test "
-                           "cases ± the sample sd of those per-seed means (number of seeds in brackets). The "
-                           "spread between runs that differ only in their seed is the noise a method effect must "
-                           "exceed.", ["method", *tasks], rows))
+        out.append(
+            Section(
+                2,
+                f"{METRIC_TITLES[metric]}: mean ± sd over training seeds",
+                "Methods trained under several seeds: the mean over seeds of each seed's mean over test "
+                "cases ± the sample sd of those per-seed means (number of seeds in brackets). The "
+                "spread between runs that differ only in their seed is the noise a method effect must "
+                "exceed.",
+                ["method", *tasks],
+                rows,
+            )
+        )
     if not forgetting.empty:
-        out.append(Section(2, "Forgetting: R[i, j] = mean Dice on task j after step i",
-                           "Rows: the model after each training step; columns: the tasks learned so far. "
-                           "BWT = mean over j < n of R[n, j] − R[j, j] (Lopez-Paz & Ranzato 2017); "
-                           "negative values mean earlier tasks were forgotten."))
+        out.append(
+            Section(
+                2,
+                "Forgetting: R[i, j] = mean Dice on task j after step i",
+                "Rows: the model after each training step; columns: the tasks learned so far. "
+                "BWT = mean over j < n of R[n, j] − R[j, j] (Lopez-Paz & Ranzato 2017); "
+                "negative values mean earlier tasks were forgotten.",
+            )
+        )
         for method, grp in forgetting.groupby("method", sort=True):
             steps = grp.sort_values("step_index")["step"].unique().tolist()
             cells = {(s, t): d for s, t, d in zip(grp["step"], grp["task"], grp["dice"])}
@@ -665,29 +809,65 @@ def _sections(summary: pd.DataFrame, forgetting: pd.DataFrame, bwt: pd.DataFrame
             b = bwt[bwt["method"] == method]
             title = method + (f" (BWT {_signed(b['bwt'].iloc[0])})" if not b.empty else "")
             out.append(Section(3, title, "", ["model \\ task", *steps], rows))
-        out.append(Section(3, "Backward transfer", "", ["method", "BWT", "tasks", "final step"],
-                           [[m, _signed(v), str(n), s] for m, v, n, s in
-                            zip(bwt["method"], bwt["bwt"], bwt["tasks"], bwt["final_step"])]))
+        out.append(
+            Section(
+                3,
+                "Backward transfer",
+                "",
+                ["method", "BWT", "tasks", "final step"],
+                [
+                    [m, _signed(v), str(n), s]
+                    for m, v, n, s in zip(bwt["method"], bwt["bwt"], bwt["tasks"], bwt["final_step"])
+                ],
+            )
+        )
     if paired.empty or not (paired["reference"] == settings.reference).any():
-        out.append(Section(2, f"Paired comparison against {settings.reference}",
-                           f"No comparison: `{settings.reference}` has no own-step metrics, or shares no test "
-                           "case with another method."))
+        out.append(
+            Section(
+                2,
+                f"Paired comparison against {settings.reference}",
+                f"No comparison: `{settings.reference}` has no own-step metrics, or shares no test "
+                "case with another method.",
+            )
+        )
     for reference, part in paired.groupby("reference", sort=False):
         out.append(_paired_section(reference, part, settings))
     if not budget.empty:
-        rows = [[s, str(r), str(n), _fmt(m), _fmt(sd), str(k)] for s, r, n, m, sd, k in
-                zip(budget["strategy"], budget["round"], budget["labels"], budget["dice_mean"], budget["dice_std"],
-                    budget["seeds"])]
-        out.append(Section(2, "Label-budget curves", "Dice after each active-learning round, mean and std over seeds.",
-                           ["strategy", "round", "labels", "Dice mean", "Dice std", "seeds"], rows))
+        rows = [
+            [s, str(r), str(n), _fmt(m), _fmt(sd), str(k)]
+            for s, r, n, m, sd, k in zip(
+                budget["strategy"],
+                budget["round"],
+                budget["labels"],
+                budget["dice_mean"],
+                budget["dice_std"],
+                budget["seeds"],
+            )
+        ]
+        out.append(
+            Section(
+                2,
+                "Label-budget curves",
+                "Dice after each active-learning round, mean and std over seeds.",
+                ["strategy", "round", "labels", "Dice mean", "Dice std", "seeds"],
+                rows,
+            )
+        )
     if not logs.empty:
         rows = []
         for (method, step, stage), grp in logs.groupby(["method", "step", "stage"], sort=True):
             last = grp.sort_values("iteration").iloc[-1]
             first = grp.sort_values("iteration").iloc[0]
             rows.append([method, step, stage, str(int(last["iteration"])), _fmt(first["loss"]), _fmt(last["loss"])])
-        out.append(Section(2, "Training jobs", "Loss at the first and the last logged iteration of every job.",
-                           ["method", "step", "stage", "iterations", "first loss", "last loss"], rows))
+        out.append(
+            Section(
+                2,
+                "Training jobs",
+                "Loss at the first and the last logged iteration of every job.",
+                ["method", "step", "stage", "iterations", "first loss", "last loss"],
+                rows,
+            )
+        )
     return out
 
 
@@ -708,21 +888,26 @@ def render_markdown(sections: Sequence[Section]) -> str:
 
 def render_html(sections: Sequence[Section]) -> str:
     """The sections as one self-contained HTML page (the report shows it in a frame)."""
-    style = ("body{font-family:sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse;margin:0.5em 0 1.5em}"
-             "th,td{border:1px solid #bbb;padding:3px 8px;text-align:right}th{background:#eee}"
-             "td:first-child,th:first-child{text-align:left}p{max-width:60em}")
+    style = (
+        "body{font-family:sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse;margin:0.5em 0 1.5em}"
+        "th,td{border:1px solid #bbb;padding:3px 8px;text-align:right}th{background:#eee}"
+        "td:first-child,th:first-child{text-align:left}p{max-width:60em}"
+    )
     body = []
     for s in sections:
         body.append(f"<h{s.level}>{html.escape(s.title)}</h{s.level}>")
         if s.text:
             body.append("<p>" + re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(s.text)) + "</p>")
         if s.header:
-            body.append("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in s.header)
-                        + "</tr></thead><tbody>")
+            body.append(
+                "<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in s.header) + "</tr></thead><tbody>"
+            )
             body += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in s.rows]
             body.append("</tbody></table>")
-    return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>segadapt summary</title>"
-            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+    return (
+        '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>segadapt summary</title>'
+        f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
 
 
 # ------------------------------------------------------------------------------------------- stage
@@ -741,8 +926,13 @@ def _read_checked(path: Path, required: Sequence[str]) -> pd.DataFrame:
     return df
 
 
-def run(metrics: Sequence[Path], out: Path, settings: Mapping[str, Any], train_logs: Sequence[TrainLog] = (),
-        budget: Sequence[Path] = ()) -> None:
+def run(
+    metrics: Sequence[Path],
+    out: Path,
+    settings: Mapping[str, Any],
+    train_logs: Sequence[TrainLog] = (),
+    budget: Sequence[Path] = (),
+) -> None:
     """Write every summary table under ``out``.
 
     Args:
@@ -763,27 +953,36 @@ def run(metrics: Sequence[Path], out: Path, settings: Mapping[str, Any], train_l
     logs = {label: _read_checked(label.path, ("step", "loss")) for label in train_logs}
     rounds = [_read_checked(p, BUDGET_COLUMNS) for p in budget]
 
-    table = pd.concat(frames, ignore_index=True).sort_values(
-        ["method", "step", "task", "case", "class", "metric"]).reset_index(drop=True)
+    table = (
+        pd.concat(frames, ignore_index=True)
+        .sort_values(["method", "step", "task", "case", "class", "metric"])
+        .reset_index(drop=True)
+    )
     cases = case_table(table)
     seeded = seed_case_table(table, conf.seed)
     summary = summary_table(table, conf.seed)
     forgetting = sequential_matrix(cases, conf.order)
     bwt = backward_transfer(forgetting)
-    paired = pd.concat([paired_comparisons(seeded, conf), active_paired_comparisons(seeded, conf)],
-                       ignore_index=True)
+    paired = pd.concat([paired_comparisons(seeded, conf), active_paired_comparisons(seeded, conf)], ignore_index=True)
     paired = paired.astype({"compute_matched": bool}) if not paired.empty else paired
     rounds = [r for r in [*rounds, active_rounds(table, conf.labels_per_round)] if not r.empty]
-    budget_curve = budget_table(pd.concat(rounds, ignore_index=True) if rounds else pd.DataFrame(
-        columns=BUDGET_COLUMNS))
+    budget_curve = budget_table(
+        pd.concat(rounds, ignore_index=True) if rounds else pd.DataFrame(columns=BUDGET_COLUMNS)
+    )
     log_table = training_log_table(logs)
 
     log_paths = [label.path for label in train_logs]
     hashes = {str(p): sha256_file(p) for p in [*metrics, *log_paths, *budget]}
-    recorded = {"reference": conf.reference, "n_boot": conf.n_boot, "ci": conf.ci, "seed": conf.seed,
-                "labels_per_round": conf.labels_per_round,
-                "order": list(conf.order), "training_steps": dict(sorted(conf.training_steps.items())),
-                "case_resampling": conf.case_resampling}
+    recorded = {
+        "reference": conf.reference,
+        "n_boot": conf.n_boot,
+        "ci": conf.ci,
+        "seed": conf.seed,
+        "labels_per_round": conf.labels_per_round,
+        "order": list(conf.order),
+        "training_steps": dict(sorted(conf.training_steps.items())),
+        "case_resampling": conf.case_resampling,
+    }
 
     def prov(paths: Sequence[Path]) -> dict[str, Any]:
         return make_provenance("aggregate", recorded, inputs={str(p): hashes[str(p)] for p in paths}, seed=conf.seed)
@@ -801,8 +1000,17 @@ def run(metrics: Sequence[Path], out: Path, settings: Mapping[str, Any], train_l
         with atomic_path(out / name) as tmp:
             tmp.write_text(text)
     # the rendered documents carry their lineage in a sidecar (stages.audit reads it)
-    tables = [out / n for n in ("summary.parquet", "forgetting.parquet", "bwt.parquet", "paired.parquet",
-                                "budget.parquet", "training_logs.parquet")]
+    tables = [
+        out / n
+        for n in (
+            "summary.parquet",
+            "forgetting.parquet",
+            "bwt.parquet",
+            "paired.parquet",
+            "budget.parquet",
+            "training_logs.parquet",
+        )
+    ]
     for name in ("summary.md", "summary.html"):
         save_json(make_provenance("aggregate", recorded, inputs=tables, seed=conf.seed), out / f"{name}.prov.json")
 
@@ -811,13 +1019,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m stages.aggregate", description=__doc__.splitlines()[0])
     parser.add_argument("--metrics", type=Path, nargs="+", required=True, help="metrics Parquet files")
     parser.add_argument("--out", type=Path, required=True, help="summary folder")
-    parser.add_argument("--train-logs", type=parse_train_log, nargs="*", default=[],
-                        help="METHOD:STEP:STAGE:FILE per training log (stage: train, teacher, adapter, pretrain)")
-    parser.add_argument("--budget", type=Path, nargs="*", default=[],
-                        help="active-learning round tables (strategy, round, labels, seed, dice)")
-    parser.add_argument("--settings", type=json.loads, default={},
-                        help="JSON object: reference, n_boot, ci, seed, order, labels_per_round, "
-                             "training_steps, case_resampling")
+    parser.add_argument(
+        "--train-logs",
+        type=parse_train_log,
+        nargs="*",
+        default=[],
+        help="METHOD:STEP:STAGE:FILE per training log (stage: train, teacher, adapter, pretrain)",
+    )
+    parser.add_argument(
+        "--budget",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="active-learning round tables (strategy, round, labels, seed, dice)",
+    )
+    parser.add_argument(
+        "--settings",
+        type=json.loads,
+        default={},
+        help="JSON object: reference, n_boot, ci, seed, order, labels_per_round, training_steps, case_resampling",
+    )
     args = parser.parse_args(argv)
     with stage_log(parser, args):
         if not isinstance(args.settings, dict):

@@ -66,20 +66,22 @@ MODES = ("oracle", "inbox")
 class AnnotateSettings:
     """The settings of an annotation job."""
 
-    mode: str = setting(help="oracle (labelsTr) or inbox (annotated files delivered by a person)",
-                        schema="assft.annotation")
+    mode: str = setting(
+        help="oracle (labelsTr) or inbox (annotated files delivered by a person)", schema="assft.annotation"
+    )
     image_link: str = setting("symlink", help="how images enter the labelled folder: symlink (relative) or copy")
-    affine_atol: float = setting(1e-3, help="largest allowed difference between a label's and its image's affine "
-                                            "entries (mm)")
+    affine_atol: float = setting(
+        1e-3, help="largest allowed difference between a label's and its image's affine entries (mm)"
+    )
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise InputError("settings.mode", f"must be one of {list(MODES)}, got {self.mode!r}")
         if self.image_link not in IMAGE_LINK_MODES:
-            raise InputError("settings.image_link",
-                             f"must be one of {list(IMAGE_LINK_MODES)}, got {self.image_link!r}")
+            raise InputError("settings.image_link", f"must be one of {list(IMAGE_LINK_MODES)}, got {self.image_link!r}")
         if self.affine_atol < 0:
             raise InputError("settings.affine_atol", f"must be a number >= 0, got {self.affine_atol!r}")
+
 
 LABELLED_SCHEMA = pa.schema(
     [
@@ -107,7 +109,11 @@ def inbox_files(inbox: Path, round_index: int) -> dict[str, Path]:
 
 
 def _write_request(
-    inbox: Path, round_index: int, request: pd.DataFrame, labels: Mapping[str, str], task_prov: Mapping[str, Any],
+    inbox: Path,
+    round_index: int,
+    request: pd.DataFrame,
+    labels: Mapping[str, str],
+    task_prov: Mapping[str, Any],
     prov: Mapping[str, Any],
 ) -> dict[str, Path]:
     files = inbox_files(inbox, round_index)
@@ -135,8 +141,13 @@ def _write_request(
 
 
 def _load_label(
-    path: Path, row: Mapping[str, Any], allowed: list[int], label_map: Mapping[str, int], num_classes: int,
-    atol: float, problems: list[str],
+    path: Path,
+    row: Mapping[str, Any],
+    allowed: list[int],
+    label_map: Mapping[str, int],
+    num_classes: int,
+    atol: float,
+    problems: list[str],
 ) -> np.ndarray | None:
     """A label file checked like any input and mapped onto the task's preprocessed grid, or None (problems noted).
 
@@ -279,7 +290,12 @@ def _reveal_oracle(picked: list[str], task: _Task, atol: float, problems: list[s
 
 
 def _reveal_inbox(
-    inbox: Path, picked: list[str], task: _Task, round_index: int, request_prov: Mapping[str, Any], atol: float,
+    inbox: Path,
+    picked: list[str],
+    task: _Task,
+    round_index: int,
+    request_prov: Mapping[str, Any],
+    atol: float,
     problems: list[str],
 ) -> Revealed:
     """Write the round's request into ``inbox``, then read the delivered files (stop if any is missing)."""
@@ -310,8 +326,16 @@ def _reveal_inbox(
 
 
 def _write_labelled(
-    folder: Path, task: _Task, earlier: list[dict[str, Any]], previous_dir: Path | None, picked: list[str],
-    new: Revealed, images: Mapping[str, Path], round_index: int, cfg: AnnotateSettings, prov: Mapping[str, Any],
+    folder: Path,
+    task: _Task,
+    earlier: list[dict[str, Any]],
+    previous_dir: Path | None,
+    picked: list[str],
+    new: Revealed,
+    images: Mapping[str, Path],
+    round_index: int,
+    cfg: AnnotateSettings,
+    prov: Mapping[str, Any],
 ) -> None:
     """Fill the labelled folder: images, labels, the manifest of the labelled cases, labelled.parquet."""
     records = []
@@ -327,8 +351,14 @@ def _write_labelled(
         seg_path = folder / "cases" / f"{case}_seg.npy"
         save_npy(seg, seg_path)
         records.append(
-            {"case": case, "round": round_index, "mode": cfg.mode, "source": source,
-             "source_sha256": digest, "seg_sha256": sha256_file(seg_path)}
+            {
+                "case": case,
+                "round": round_index,
+                "mode": cfg.mode,
+                "source": source,
+                "source_sha256": digest,
+                "seg_sha256": sha256_file(seg_path),
+            }
         )
     records.sort(key=lambda r: (int(r["round"]), r["case"]))
     manifest_rows = []
@@ -336,13 +366,18 @@ def _write_labelled(
         row = dict(task.rows[rec["case"]])
         seg = np.load(folder / "cases" / f"{rec['case']}_seg.npy")
         row.update(
-            split="train", label_path=rec["source"], label_sha256=rec["source_sha256"],
+            split="train",
+            label_path=rec["source"],
+            label_sha256=rec["source_sha256"],
             **({"seg_sha256": rec["seg_sha256"]} if "seg_sha256" in row else {}),
             label_counts=[int(v) for v in np.bincount(seg.ravel(), minlength=task.num_classes)],
         )
         manifest_rows.append(row)
-    write_parquet(pa.Table.from_pylist(manifest_rows, schema=task.manifest.schema.remove_metadata()),
-                  folder / "manifest.parquet", prov)
+    write_parquet(
+        pa.Table.from_pylist(manifest_rows, schema=task.manifest.schema.remove_metadata()),
+        folder / "manifest.parquet",
+        prov,
+    )
     write_parquet(pa.Table.from_pylist(records, schema=LABELLED_SCHEMA), folder / "labelled.parquet", prov)
 
 
@@ -386,8 +421,9 @@ def run(
         new = _reveal_oracle(picked, task, cfg.affine_atol, problems)
     else:
         assert inbox is not None
-        request_prov = make_provenance("annotate", dict(settings), inputs=[query], task=task.prov.get("dataset"),
-                                       round=round_index, request=True)
+        request_prov = make_provenance(
+            "annotate", dict(settings), inputs=[query], task=task.prov.get("dataset"), round=round_index, request=True
+        )
         new = _reveal_inbox(Path(inbox), picked, task, round_index, request_prov, cfg.affine_atol, problems)
     images = {rec["case"]: data / "cases" / f"{rec['case']}.npy" for rec in earlier}
     images.update({case: data / "cases" / f"{case}.npy" for case in picked})
@@ -397,12 +433,23 @@ def run(
 
     inputs = [query, task.manifest_path] + ([previous] if previous is not None else [])
     prov = make_provenance(
-        "annotate", dict(settings), inputs=inputs, task=task.prov.get("dataset"), round=round_index,
-        mode=cfg.mode, picked=picked, labelled=sorted(images), **{k: task.prov.get(k) for k in _CARRIED},
+        "annotate",
+        dict(settings),
+        inputs=inputs,
+        task=task.prov.get("dataset"),
+        round=round_index,
+        mode=cfg.mode,
+        picked=picked,
+        labelled=sorted(images),
+        **{k: task.prov.get(k) for k in _CARRIED},
     )
     previous_dir = previous.parent if previous is not None else None
-    build_folder(out, lambda folder: _write_labelled(folder, task, earlier, previous_dir, picked, new, images,
-                                                     round_index, cfg, prov))
+    build_folder(
+        out,
+        lambda folder: _write_labelled(
+            folder, task, earlier, previous_dir, picked, new, images, round_index, cfg, prov
+        ),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -24,7 +24,17 @@ from typing import Any
 from stages.core.errors import InputError, run_cli
 from stages.core.io import read_provenance, sha256_file
 
-__all__ = ["ARRAY_COLUMNS", "Finding", "AuditReport", "audit", "format_report", "manifest_arrays", "run", "main", "entry"]
+__all__ = [
+    "ARRAY_COLUMNS",
+    "Finding",
+    "AuditReport",
+    "audit",
+    "format_report",
+    "manifest_arrays",
+    "run",
+    "main",
+    "entry",
+]
 
 
 @dataclass(frozen=True)
@@ -114,8 +124,9 @@ def manifest_arrays(path: Path) -> list[tuple[str, str]]:
     return arrays
 
 
-def audit(path: Path, root: Path = Path("."), max_depth: int = 12,
-          hasher: Callable[[Path], str] = sha256_file) -> AuditReport:
+def audit(
+    path: Path, root: Path = Path("."), max_depth: int = 12, hasher: Callable[[Path], str] = sha256_file
+) -> AuditReport:
     """Walk the lineage of ``path`` and verify every recorded input.
 
     Args:
@@ -134,8 +145,11 @@ def audit(path: Path, root: Path = Path("."), max_depth: int = 12,
     if problem:
         raise InputError(path, problem)
     if not record:
-        raise InputError(path, "carries no segadapt provenance record (Parquet/safetensors metadata, a JSON "
-                               "'provenance' key or a .prov.json sidecar)")
+        raise InputError(
+            path,
+            "carries no segadapt provenance record (Parquet/safetensors metadata, a JSON "
+            "'provenance' key or a .prov.json sidecar)",
+        )
     report = AuditReport()
     hashes: dict[Path, str | None] = {}
     expanded: set[Path] = set()
@@ -150,17 +164,23 @@ def audit(path: Path, root: Path = Path("."), max_depth: int = 12,
         return hashes[p]
 
     def describe(record: dict[str, Any], indent: str) -> None:
-        report.lines.append(f"{indent}stage: {record.get('stage')}  config_hash: {record.get('config_hash')}  "
-                            f"seed: {record.get('seed')}  code: {record.get('code_version')}")
-        extra = {k: v for k, v in record.items()
-                 if k not in {"stage", "config_hash", "seed", "code_version", "settings", "inputs"}}
+        report.lines.append(
+            f"{indent}stage: {record.get('stage')}  config_hash: {record.get('config_hash')}  "
+            f"seed: {record.get('seed')}  code: {record.get('code_version')}"
+        )
+        extra = {
+            k: v
+            for k, v in record.items()
+            if k not in {"stage", "config_hash", "seed", "code_version", "settings", "inputs"}
+        }
         if extra:
             report.lines.append(f"{indent}fields: {_short(extra)}")
         if record.get("settings") is not None:
             report.lines.append(f"{indent}settings: {_short(record['settings'])}")
 
-    def check(child_name: str, child: Path, recorded: str, needed_by: str, indent: str,
-              kind: str = "input") -> str | None:
+    def check(
+        child_name: str, child: Path, recorded: str, needed_by: str, indent: str, kind: str = "input"
+    ) -> str | None:
         actual = digest(child)
         if actual is None:
             status = "MISSING"
@@ -230,8 +250,9 @@ def format_report(report: AuditReport, quiet: bool = False) -> str:
             role = "preprocessed array listed in" if f.kind == "array" else "input of"
             lines.append(f"  {f.path}: {detail} ({role} {f.needed_by})")
     if report.truncated:
-        lines.append(f"audit: {len(report.truncated)} artifacts not expanded (depth limit); their own inputs "
-                     "were not checked")
+        lines.append(
+            f"audit: {len(report.truncated)} artifacts not expanded (depth limit); their own inputs were not checked"
+        )
     return "\n".join(lines)
 
 
@@ -254,11 +275,18 @@ def run(path: Path, root: Path = Path("."), max_depth: int = 12, quiet: bool = F
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="segadapt-audit", description=__doc__.splitlines()[0])
     parser.add_argument("path", type=Path, help="the artifact (Parquet, safetensors, JSON or a file with a sidecar)")
-    parser.add_argument("--root", type=Path, default=Path("."),
-                        help="the run's working folder; recorded input paths are relative to it (default: .)")
-    parser.add_argument("--depth", type=int, default=12,
-                        help="generations of provenance records to follow (1: the artifact and its direct inputs; "
-                             "default 12)")
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=Path("."),
+        help="the run's working folder; recorded input paths are relative to it (default: .)",
+    )
+    parser.add_argument(
+        "--depth",
+        type=int,
+        default=12,
+        help="generations of provenance records to follow (1: the artifact and its direct inputs; default 12)",
+    )
     parser.add_argument("--quiet", action="store_true", help="print only the verdict and the problems")
     args = parser.parse_args(argv)
     status = run(args.path, args.root, args.depth, args.quiet)

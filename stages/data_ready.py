@@ -35,7 +35,7 @@ def run(manifests: Sequence[Path], out: Path) -> dict[str, dict[str, object]]:
             raise InputError(manifest, "missing: the task's preprocessing has not written its manifest")
         try:
             split = pq.read_table(manifest, columns=["split"]).column("split").to_pylist()
-        except Exception as err:  # noqa: BLE001 - any reading problem is a bad manifest
+        except Exception as err:
             raise InputError(manifest, f"not a readable segadapt manifest ({err})") from err
         summary[manifest.parent.name] = {
             "manifest": str(manifest),

@@ -51,8 +51,8 @@ from stages.core.errors import InputError, run_cli
 from stages.core.figures import FIGURE_STYLE, method_colours, save_figure
 from stages.core.io import make_provenance, write_parquet
 from stages.core.log import stage_log
-from stages.core.settings import add_settings_argument, from_mapping, setting
 from stages.core.nets import MODEL_WEIGHTS, load_model, model_id, read_model_json
+from stages.core.settings import add_settings_argument, from_mapping, setting
 
 __all__ = [
     "BLOCKS_FIGURE",
@@ -104,10 +104,39 @@ _UNET_LEVEL = re.compile(r"^backbone\.model\.((?:1\.submodule\.)*)(?:(\d+)\.|[a-
 _BLOCK_GROUPS = {"encoder": 0, "skip": 1, "decoder": 2, "backbone": 3, "heads": 4, "other": 5}
 AGGREGATES = ("backbone", "total")
 
-LAYER_COLUMNS = ["method", "step", "step_index", "layer", "block", "ndim", "numel", "in_m0", "norm_m0", "delta_m0",
-                 "rel_to_m0", "start", "in_start", "norm_prev", "delta_prev", "rel_to_prev"]
-BLOCK_COLUMNS = ["method", "step", "step_index", "block", "numel", "numel_m0", "norm_m0", "delta_m0", "rel_to_m0",
-                 "start", "norm_prev", "delta_prev", "rel_to_prev"]
+LAYER_COLUMNS = [
+    "method",
+    "step",
+    "step_index",
+    "layer",
+    "block",
+    "ndim",
+    "numel",
+    "in_m0",
+    "norm_m0",
+    "delta_m0",
+    "rel_to_m0",
+    "start",
+    "in_start",
+    "norm_prev",
+    "delta_prev",
+    "rel_to_prev",
+]
+BLOCK_COLUMNS = [
+    "method",
+    "step",
+    "step_index",
+    "block",
+    "numel",
+    "numel_m0",
+    "norm_m0",
+    "delta_m0",
+    "rel_to_m0",
+    "start",
+    "norm_prev",
+    "delta_prev",
+    "rel_to_prev",
+]
 
 
 def block_of(name: str) -> str:
@@ -207,12 +236,13 @@ def _norms(weights: torch.Tensor, reference: torch.Tensor | None) -> tuple[float
     if reference is None:
         return math.nan, math.nan
     ref = reference.to(torch.float64)
-    return (float(torch.linalg.vector_norm(ref)),
-            float(torch.linalg.vector_norm(weights.to(torch.float64) - ref)))
+    return (float(torch.linalg.vector_norm(ref)), float(torch.linalg.vector_norm(weights.to(torch.float64) - ref)))
 
 
 def layer_drift(
-    weights: Mapping[str, torch.Tensor], m0: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor],
+    weights: Mapping[str, torch.Tensor],
+    m0: Mapping[str, torch.Tensor],
+    start: Mapping[str, torch.Tensor],
     where: object = "model",
 ) -> pd.DataFrame:
     """Per-tensor drift of ``weights`` against M0 and against the start model.
@@ -234,14 +264,29 @@ def layer_drift(
     for name, w in weights.items():
         for ref_name, ref in (("M0", m0), ("the start model", start)):
             if name in ref and tuple(ref[name].shape) != tuple(w.shape):
-                raise InputError(where, f"parameter {name} has shape {tuple(w.shape)}, {tuple(ref[name].shape)} "
-                                        f"in {ref_name}: not the same architecture")
+                raise InputError(
+                    where,
+                    f"parameter {name} has shape {tuple(w.shape)}, {tuple(ref[name].shape)} "
+                    f"in {ref_name}: not the same architecture",
+                )
         norm_m0, delta_m0 = _norms(w, m0.get(name))
         norm_prev, delta_prev = _norms(w, start.get(name))
-        rows.append({"layer": name, "block": block_of(name), "ndim": w.ndim, "numel": int(w.numel()), "in_m0": name in m0,
-                     "norm_m0": norm_m0, "delta_m0": delta_m0, "rel_to_m0": relative(delta_m0, norm_m0),
-                     "in_start": name in start, "norm_prev": norm_prev, "delta_prev": delta_prev,
-                     "rel_to_prev": relative(delta_prev, norm_prev)})
+        rows.append(
+            {
+                "layer": name,
+                "block": block_of(name),
+                "ndim": w.ndim,
+                "numel": int(w.numel()),
+                "in_m0": name in m0,
+                "norm_m0": norm_m0,
+                "delta_m0": delta_m0,
+                "rel_to_m0": relative(delta_m0, norm_m0),
+                "in_start": name in start,
+                "norm_prev": norm_prev,
+                "delta_prev": delta_prev,
+                "rel_to_prev": relative(delta_prev, norm_prev),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -255,9 +300,16 @@ def _aggregate(part: pd.DataFrame) -> dict[str, Any]:
     delta_m0 = root_sum(have_m0["delta_m0"]) if len(have_m0) else math.nan
     norm_prev = root_sum(have_start["norm_prev"]) if len(have_start) else math.nan
     delta_prev = root_sum(have_start["delta_prev"]) if len(have_start) else math.nan
-    return {"numel": int(part["numel"].sum()), "numel_m0": int(have_m0["numel"].sum()), "norm_m0": norm_m0,
-            "delta_m0": delta_m0, "rel_to_m0": relative(delta_m0, norm_m0), "norm_prev": norm_prev,
-            "delta_prev": delta_prev, "rel_to_prev": relative(delta_prev, norm_prev)}
+    return {
+        "numel": int(part["numel"].sum()),
+        "numel_m0": int(have_m0["numel"].sum()),
+        "norm_m0": norm_m0,
+        "delta_m0": delta_m0,
+        "rel_to_m0": relative(delta_m0, norm_m0),
+        "norm_prev": norm_prev,
+        "delta_prev": delta_prev,
+        "rel_to_prev": relative(delta_prev, norm_prev),
+    }
 
 
 def block_drift(layers: pd.DataFrame) -> pd.DataFrame:
@@ -281,12 +333,15 @@ def block_drift(layers: pd.DataFrame) -> pd.DataFrame:
 
 
 def _method_steps(blocks: pd.DataFrame) -> dict[str, list[str]]:
-    return {m: grp.sort_values("step_index")["step"].drop_duplicates().tolist()
-            for m, grp in blocks.groupby("method", sort=False)}
+    return {
+        m: grp.sort_values("step_index")["step"].drop_duplicates().tolist()
+        for m, grp in blocks.groupby("method", sort=False)
+    }
 
 
-def _heat_panels(matrices: Mapping[str, tuple[np.ndarray, list[str]]], rows: Sequence[str], title: str,
-                 annotate: bool) -> Figure:
+def _heat_panels(
+    matrices: Mapping[str, tuple[np.ndarray, list[str]]], rows: Sequence[str], title: str, annotate: bool
+) -> Figure:
     """One heat-map panel per method (rows × that method's steps), one shared linear colour scale."""
     finite = np.concatenate([m[np.isfinite(m)] for m, _ in matrices.values()] + [np.zeros(1)])
     vmax = float(finite.max()) or 1.0
@@ -294,21 +349,30 @@ def _heat_panels(matrices: Mapping[str, tuple[np.ndarray, list[str]]], rows: Seq
     label_width = 0.075 * max(len(r) for r in rows) + 0.6
     height = max(3.0, 0.22 * len(rows) + 1.8) if annotate else max(3.0, 0.12 * len(rows) + 1.8)
     fig = Figure(figsize=(label_width + sum(0.6 * c + 0.5 for c in cols) + 1.2, height), layout="constrained")
-    axes = fig.subplots(1, len(matrices), squeeze=False, sharey=True,
-                        gridspec_kw={"width_ratios": [c + 0.6 for c in cols]}).ravel()
+    axes = fig.subplots(
+        1, len(matrices), squeeze=False, sharey=True, gridspec_kw={"width_ratios": [c + 0.6 for c in cols]}
+    ).ravel()
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.85")
     image = None
     for ax, (method, (matrix, steps)) in zip(axes, matrices.items()):
-        image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, vmin=0.0, vmax=vmax, aspect="auto",
-                          interpolation="nearest")
+        image = ax.imshow(
+            np.ma.masked_invalid(matrix), cmap=cmap, vmin=0.0, vmax=vmax, aspect="auto", interpolation="nearest"
+        )
         ax.set_xticks(range(len(steps)), steps, rotation=40, ha="right", fontsize=8)
         ax.set_title(method, fontsize=9)
         if annotate:
             for i in range(matrix.shape[0]):
                 for j in range(matrix.shape[1]):
                     if np.isfinite(matrix[i, j]):
-                        ax.text(j, i, f"{matrix[i, j]:.2g}", ha="center", va="center", fontsize=6,
-                                color="white" if matrix[i, j] < 0.6 * vmax else "black")
+                        ax.text(
+                            j,
+                            i,
+                            f"{matrix[i, j]:.2g}",
+                            ha="center",
+                            va="center",
+                            fontsize=6,
+                            color="white" if matrix[i, j] < 0.6 * vmax else "black",
+                        )
     axes[0].set_yticks(range(len(rows)), rows, fontsize=8 if annotate else 5)
     if image is not None:
         fig.colorbar(image, ax=axes.tolist(), label="‖W_t − W_0‖ / ‖W_0‖", shrink=0.8)
@@ -347,8 +411,12 @@ def layers_heatmap(layers: pd.DataFrame, blocks: pd.DataFrame) -> Figure:
         table = grp.pivot(index="layer", columns="step", values="rel_to_m0").reindex(index=names, columns=steps)
         matrices[method] = (table.to_numpy(dtype=np.float64), steps)
     short = [n.removeprefix("backbone.").removesuffix(".weight") for n in names]
-    return _heat_panels(matrices, short, "Relative weight change against M0, per weight tensor",
-                        annotate=len(names) * max(len(s) for _, s in matrices.values()) <= 120)
+    return _heat_panels(
+        matrices,
+        short,
+        "Relative weight change against M0, per weight tensor",
+        annotate=len(names) * max(len(s) for _, s in matrices.values()) <= 120,
+    )
 
 
 def total_curves(blocks: pd.DataFrame) -> Figure:
@@ -365,8 +433,13 @@ def total_curves(blocks: pd.DataFrame) -> Figure:
     for method, grp in total.groupby("method", sort=True):
         grp = grp.sort_values("step_index")
         x = grp["step_index"].to_numpy() + 1
-        left.plot(np.r_[0, x], np.r_[0.0, grp["rel_to_m0"].to_numpy(dtype=float)], marker="o",
-                  color=colours[method], label=method)
+        left.plot(
+            np.r_[0, x],
+            np.r_[0.0, grp["rel_to_m0"].to_numpy(dtype=float)],
+            marker="o",
+            color=colours[method],
+            label=method,
+        )
         right.plot(x, grp["rel_to_prev"].to_numpy(dtype=float), marker="o", color=colours[method], label=method)
     left.set_xticks(range(width + 1), ["M0"] + [str(i) for i in range(1, width + 1)])
     right.set_xticks(range(1, width + 1), [str(i) for i in range(1, width + 1)])
@@ -451,16 +524,23 @@ def run(foundation: Path, models: Sequence[StepModel], out: Path, settings: Mapp
     folders = [foundation] + [s.folder for s in models] + [s.start for s in models if s.start is not None]
     inputs = [Path(f) / MODEL_WEIGHTS for f in dict.fromkeys(Path(f) for f in folders)]
     recorded = {"dpi": conf.dpi}
-    prov = make_provenance("drift", recorded, inputs=inputs, foundation=model_id(foundation),
-                           models=[f"{s.method}:{s.step}" for s in models])
+    prov = make_provenance(
+        "drift",
+        recorded,
+        inputs=inputs,
+        foundation=model_id(foundation),
+        models=[f"{s.method}:{s.step}" for s in models],
+    )
     out = Path(out)
     write_parquet(layer_table, out / DRIFT_TABLE, prov)
     write_parquet(block_table, out / BLOCKS_TABLE, prov)
     written = [out / DRIFT_TABLE, out / BLOCKS_TABLE]
     with matplotlib.style.context(FIGURE_STYLE):  # ignore any user matplotlibrc: same pixels everywhere
-        for name, fig, source in ((BLOCKS_FIGURE, blocks_heatmap(block_table), [out / BLOCKS_TABLE]),
-                                  (LAYERS_FIGURE, layers_heatmap(layer_table, block_table), [out / DRIFT_TABLE]),
-                                  (TOTAL_FIGURE, total_curves(block_table), [out / BLOCKS_TABLE])):
+        for name, fig, source in (
+            (BLOCKS_FIGURE, blocks_heatmap(block_table), [out / BLOCKS_TABLE]),
+            (LAYERS_FIGURE, layers_heatmap(layer_table, block_table), [out / DRIFT_TABLE]),
+            (TOTAL_FIGURE, total_curves(block_table), [out / BLOCKS_TABLE]),
+        ):
             save_figure(fig, out / name, conf.dpi, make_provenance("drift", recorded, inputs=source))
             written.append(out / name)
     log.info("drift of %d models written to %s", len(models), out)
@@ -478,10 +558,15 @@ def _step_name(folder: Path, models: Sequence[StepModel]) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m stages.drift", description=__doc__.splitlines()[0])
     parser.add_argument("--foundation", type=Path, required=True, help="the M0 model folder")
-    parser.add_argument("--model", type=parse_model, nargs="+", required=True,
-                        metavar="METHOD:STEP:FOLDER[:START_FOLDER]",
-                        help="each method's models in step order; START_FOLDER (default: the method's previous "
-                             "model, M0 for its first) is the model the step's training started from")
+    parser.add_argument(
+        "--model",
+        type=parse_model,
+        nargs="+",
+        required=True,
+        metavar="METHOD:STEP:FOLDER[:START_FOLDER]",
+        help="each method's models in step order; START_FOLDER (default: the method's previous "
+        "model, M0 for its first) is the model the step's training started from",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     add_settings_argument(parser, DriftSettings)
     args = parser.parse_args(argv)

@@ -40,14 +40,19 @@ class EvaluateSettings:
     patch_size: list[int] = setting(help="sliding-window size (the training patch)", schema="train.patch_size")
     overlap: float = setting(help="sliding-window overlap", schema="inference.overlap")
     sw_batch_size: int = setting(help="windows per forward pass", schema="inference.sw_batch_size")
-    nsd_tolerance_mm: float | list[float] = setting(help="NSD tolerance (mm), one or one per foreground class",
-                                                    schema="evaluate.nsd_tolerance_mm")
+    nsd_tolerance_mm: float | list[float] = setting(
+        help="NSD tolerance (mm), one or one per foreground class", schema="evaluate.nsd_tolerance_mm"
+    )
     seed: int = setting(help="the training seed of the evaluated run (the metrics' seed column)", schema="seed")
     device: str = setting(help="cpu, cuda or cuda:N", schema="device")
+
+
 COLUMNS = ["method", "step", "task", "case", "class", "metric", "value", "flag"]
 
 
-def score_predictions(predictions: Path, cases: Sequence[str], data: Path, nsd_tolerance_mm: float) -> list[dict[str, Any]]:
+def score_predictions(
+    predictions: Path, cases: Sequence[str], data: Path, nsd_tolerance_mm: float
+) -> list[dict[str, Any]]:
     """Metric rows (task-agnostic keys: case, class, metric, value, flag) for ``cases`` predicted in ``predictions``."""
     manifest = read_parquet(data / "manifest.parquet").set_index("case")
     label_setting = read_provenance(data / "manifest.parquet").get("settings", {}).get("labels")
@@ -62,17 +67,34 @@ def score_predictions(predictions: Path, cases: Sequence[str], data: Path, nsd_t
         if pred.shape != gt.shape:
             raise InputError(pred_path, f"shape {pred.shape} differs from the label's {gt.shape}")
         per_class = case_metrics(
-            pred, gt, int(info["num_classes"]), [float(s) for s in info["orig_spacing"]], nsd_tolerance_mm,
+            pred,
+            gt,
+            int(info["num_classes"]),
+            [float(s) for s in info["orig_spacing"]],
+            nsd_tolerance_mm,
             where=pred_path,
         )
         for entry in per_class:
-            rows += [{"case": case, "class": int(entry["class"]), "metric": m, "value": float(entry[m]),
-                      "flag": entry["flag"]} for m in METRICS]
+            rows += [
+                {
+                    "case": case,
+                    "class": int(entry["class"]),
+                    "metric": m,
+                    "value": float(entry[m]),
+                    "flag": entry["flag"],
+                }
+                for m in METRICS
+            ]
     return rows
 
 
 def run(
-    model_dir: Path, tasks: Sequence[str], data: Sequence[Path], out: Path, method: str, step: str,
+    model_dir: Path,
+    tasks: Sequence[str],
+    data: Sequence[Path],
+    out: Path,
+    method: str,
+    step: str,
     settings: Mapping[str, Any],
 ) -> None:
     """Predict and score ``tasks`` with ``model_dir``; write ``out/predictions/{task}/`` and ``out/metrics.parquet``.
@@ -93,21 +115,35 @@ def run(
     model = load_model(model_dir)
     absent = [t for t in tasks if t not in model.seg_heads]
     if absent:
-        raise InputError(model_dir / "model.json", f"has no segmentation head for {absent} (heads: {sorted(model.seg_heads)})")
+        raise InputError(
+            model_dir / "model.json", f"has no segmentation head for {absent} (heads: {sorted(model.seg_heads)})"
+        )
     model.to(device)
     mid = model_id(model_dir)
     rows = []
     for task, folder in zip(tasks, data):
         pred_dir = out / "predictions" / task
         table = predict_cases(model, task, folder, "test", pred_dir, dataclasses.asdict(conf), device)
-        pred_prov = make_provenance("evaluate", settings, inputs=[model_dir / "model.safetensors", folder / "manifest.parquet"],
-                                    model_id=mid, head=task, split="test")
+        pred_prov = make_provenance(
+            "evaluate",
+            settings,
+            inputs=[model_dir / "model.safetensors", folder / "manifest.parquet"],
+            model_id=mid,
+            head=task,
+            split="test",
+        )
         write_parquet(table, pred_dir / "predictions.parquet", pred_prov)
         for row in score_predictions(pred_dir, table["case"].tolist(), folder, conf.nsd_tolerance_mm):
             rows.append({"method": method, "step": step, "task": task, **row})
     prov = make_provenance(
-        "evaluate", settings, inputs=[model_dir / "model.safetensors"] + [d / "manifest.parquet" for d in data],
-        seed=conf.seed, method=method, step=step, tasks=list(tasks), model_id=mid,
+        "evaluate",
+        settings,
+        inputs=[model_dir / "model.safetensors"] + [d / "manifest.parquet" for d in data],
+        seed=conf.seed,
+        method=method,
+        step=step,
+        tasks=list(tasks),
+        model_id=mid,
     )
     df = pd.DataFrame(rows, columns=COLUMNS)
     df["seed"] = conf.seed

@@ -9,9 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
-import torch
 from tqdm import tqdm
 
 from stages.core.errors import InputError, run_cli
@@ -29,8 +27,9 @@ __all__ = ["FeatureSettings", "run", "main"]
 class FeatureSettings:
     """The settings of a feature extraction job."""
 
-    patch_size: list[int] = setting(help="the window the features are pooled over (the SSL patch)",
-                                    schema="foundation.ssl.patch_size")
+    patch_size: list[int] = setting(
+        help="the window the features are pooled over (the SSL patch)", schema="foundation.ssl.patch_size"
+    )
     device: str = setting(help="cpu, cuda or cuda:N", schema="device")
 
 
@@ -68,9 +67,7 @@ def run(model_dir: Path, data: Path, out: Path, settings: Mapping[str, Any]) -> 
             "model_id": pa.array([mid] * len(feats), pa.string()),
         }
     )
-    prov = make_provenance(
-        "features", settings, inputs=[model_dir / "model.safetensors", manifest_path], model_id=mid
-    )
+    prov = make_provenance("features", settings, inputs=[model_dir / "model.safetensors", manifest_path], model_id=mid)
     write_parquet(table, out, prov)
 
 

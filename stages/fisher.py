@@ -33,7 +33,6 @@ from stages.core.settings import add_settings_argument, add_threads_argument, ap
 __all__ = ["run", "main"]
 
 
-
 @dataclass(frozen=True, kw_only=True)
 class FisherSettings:
     """The Fisher estimate's settings: ``ewc`` (gamma, fisher_batches) and the training patches."""
@@ -50,8 +49,9 @@ class FisherSettings:
 SETTINGS = tuple(f.name for f in dataclasses.fields(FisherSettings))
 
 
-def run(model_dir: Path, data: Path, task: str, out: Path, settings: dict[str, Any],
-        previous: Path | None = None) -> None:
+def run(
+    model_dir: Path, data: Path, task: str, out: Path, settings: dict[str, Any], previous: Path | None = None
+) -> None:
     """Write ``out/fisher.safetensors`` and ``out/fisher.json`` for the model in ``model_dir``.
 
     Args:
@@ -76,8 +76,12 @@ def run(model_dir: Path, data: Path, task: str, out: Path, settings: dict[str, A
     if task not in model.seg_heads:
         raise InputError(model_dir / "model.json", f"has no head {task!r} (heads: {sorted(model.seg_heads)})")
     model.eval()  # the Fisher of the model as it predicts (no dropout); the normalisations use their own statistics
-    sampler = PatchSampler(CaseStore(data / "cases", cases, with_labels=True), patch_size=settings["patch_size"],
-                           batch_size=1, fg_ratio=settings["fg_ratio"])
+    sampler = PatchSampler(
+        CaseStore(data / "cases", cases, with_labels=True),
+        patch_size=settings["patch_size"],
+        batch_size=1,
+        fg_ratio=settings["fg_ratio"],
+    )
     generator = torch.Generator().manual_seed(seed_from(settings["seed"], "fisher", task))
     loss_fn = segmentation_loss()
     n = int(settings["fisher_batches"]) * int(settings["batch_size"])
@@ -96,14 +100,22 @@ def run(model_dir: Path, data: Path, task: str, out: Path, settings: dict[str, A
         old = load_safetensors(previous_file)
         inputs.append(previous_file)
     fisher = accumulate_fisher(new, old, float(settings["gamma"]))
-    prov = make_provenance("fisher", settings, inputs=inputs, seed=int(settings["seed"]), model=model_id(model_dir),
-                           task=task, patches=n)
+    prov = make_provenance(
+        "fisher", settings, inputs=inputs, seed=int(settings["seed"]), model=model_id(model_dir), task=task, patches=n
+    )
     save_safetensors(fisher, out / "fisher.safetensors", prov)
     sums = {name: float(f.sum()) for name, f in sorted(fisher.items())}
-    save_json({"total": float(sum(sums.values())), "parameters": int(sum(f.numel() for f in fisher.values())),
-               "mean": float(sum(sums.values()) / max(1, sum(f.numel() for f in fisher.values()))),
-               "new_total": float(sum(float(f.sum()) for f in new.values())), "sums": sums, "provenance": prov},
-              out / "fisher.json")
+    save_json(
+        {
+            "total": float(sum(sums.values())),
+            "parameters": int(sum(f.numel() for f in fisher.values())),
+            "mean": float(sum(sums.values()) / max(1, sum(f.numel() for f in fisher.values()))),
+            "new_total": float(sum(float(f.sum()) for f in new.values())),
+            "sums": sums,
+            "provenance": prov,
+        },
+        out / "fisher.json",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -42,8 +42,8 @@ import torch
 from stages.core.errors import InputError, run_cli
 from stages.core.io import load_safetensors, make_provenance, read_parquet
 from stages.core.log import stage_log
-from stages.core.settings import add_settings_argument, from_mapping, setting
 from stages.core.nets import ARCHS, FoundationNet, check_state_dict, save_model, seed_from
+from stages.core.settings import add_settings_argument, from_mapping, setting
 from stages.core.ssl import write_feature_stats
 
 __all__ = ["FORMATS", "ImportSettings", "main", "map_keys", "read_checkpoint", "run"]
@@ -62,11 +62,13 @@ class ImportSettings:
     arch: str = setting(help="the network (stages.core.nets.FoundationNet)", schema="foundation.arch")
     arch_kwargs: dict[str, Any] | None = setting(None, help="network keyword arguments (None = the network's own)")
     in_channels: int = setting(1, help="input channels", schema="foundation.in_channels")
-    prefix_map: dict[str, str] = setting(factory=dict, help="key prefix renames, longest match first",
-                                         schema="foundation.prefix_map")
+    prefix_map: dict[str, str] = setting(
+        factory=dict, help="key prefix renames, longest match first", schema="foundation.prefix_map"
+    )
     drop: list[str] = setting(factory=list, help="key prefixes discarded on purpose (recorded)")
-    ssl: dict[str, Any] | None = setting(None, help="SSL settings (None = the defaults); its heads are those found "
-                                                    "unless given")
+    ssl: dict[str, Any] | None = setting(
+        None, help="SSL settings (None = the defaults); its heads are those found unless given"
+    )
     heads: dict[str, int] | None = setting(None, help="segmentation heads; None = those found in the checkpoint")
     seed: int = setting(0, help="initialises what the checkpoint does not hold (monai_swin_ssl)")
     preprocessing: dict[str, Any] | None = setting(None, help="recorded in model.json as given")
@@ -79,6 +81,7 @@ class ImportSettings:
             raise InputError("--settings.arch", f"must be one of {list(ARCHS)}, got {self.arch!r}")
         if self.format == "monai_swin_ssl" and self.arch != "swinunetr":
             raise InputError("--settings.arch", "format monai_swin_ssl needs arch 'swinunetr'")
+
 
 # The backbone's output conv, which FoundationNet replaces by the task heads. MONAI's UNet keeps its
 # last layer (it writes the decoder features), so a plain UNet checkpoint imports with
@@ -304,8 +307,14 @@ def run(checkpoint: Path, out: Path, settings: Mapping[str, Any], pool: Path | N
         cases = read_parquet(manifest)["case"].tolist()
         volumes = (np.load(pool / "cases" / f"{c}.npy", mmap_mode="r") for c in cases)
         model.eval()
-        write_feature_stats(model, volumes, (conf.ssl or {}).get("patch_size", 96),
-                            out / "feature_stats.safetensors", provenance, conf.device)
+        write_feature_stats(
+            model,
+            volumes,
+            (conf.ssl or {}).get("patch_size", 96),
+            out / "feature_stats.safetensors",
+            provenance,
+            conf.device,
+        )
     save_model(model, out, provenance=provenance, extra=extra)
     return out
 

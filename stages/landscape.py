@@ -51,10 +51,10 @@ from stages.core.figures import FIGURE_STYLE, save_figure
 from stages.core.inference import resolve_device
 from stages.core.io import config_hash, make_provenance, read_json, read_parquet, save_json, sha256_file, write_parquet
 from stages.core.log import stage_log
-from stages.core.settings import add_settings_argument
 from stages.core.losses import segmentation_loss
 from stages.core.nets import MODEL_WEIGHTS, FoundationNet, load_model, model_id
 from stages.core.sampling import CaseStore
+from stages.core.settings import add_settings_argument
 from stages.core.signals import StopSignal
 
 __all__ = [
@@ -135,8 +135,12 @@ class LandscapeSettings:
             s["dims"] = tuple(sorted(set(dims)))
         if "range" in s:
             r = s["range"]
-            if (not isinstance(r, list) or len(r) != 2 or not all(isinstance(v, (int, float)) for v in r)
-                    or not r[0] < r[1]):
+            if (
+                not isinstance(r, list)
+                or len(r) != 2
+                or not all(isinstance(v, (int, float)) for v in r)
+                or not r[0] < r[1]
+            ):
                 raise fail("range", "must be [low, high] with low < high")
             s["range"] = (float(r[0]), float(r[1]))
         if "patch_size" in s:
@@ -186,9 +190,7 @@ def filter_normalised_direction(weight: torch.Tensor, generator: torch.Generator
     return d * scale
 
 
-def random_directions(
-    weights: Mapping[str, torch.Tensor], seed: int, count: int = 2
-) -> list[dict[str, torch.Tensor]]:
+def random_directions(weights: Mapping[str, torch.Tensor], seed: int, count: int = 2) -> list[dict[str, torch.Tensor]]:
     """``count`` filter-normalised directions over ``weights``, drawn in order from one seeded generator.
 
     Args:
@@ -243,8 +245,7 @@ def fixed_patches(store: CaseStore, patch_size: Sequence[int]) -> tuple[torch.Te
         assert label is not None
         shape = label.shape
         mask = np.asarray(label) > 0
-        centre = (np.rint(ndimage.center_of_mass(mask)).astype(int) if mask.any()
-                  else np.array([s // 2 for s in shape]))
+        centre = np.rint(ndimage.center_of_mass(mask)).astype(int) if mask.any() else np.array([s // 2 for s in shape])
         lower = [int(np.clip(c - p // 2, 0, max(0, s - p))) for c, p, s in zip(centre, patch, shape)]
         src = tuple(slice(lo, min(lo + p, s)) for lo, p, s in zip(lower, patch, shape))
         dst = tuple(slice(0, sl.stop - sl.start) for sl in src)
@@ -254,8 +255,14 @@ def fixed_patches(store: CaseStore, patch_size: Sequence[int]) -> tuple[torch.Te
 
 
 @torch.no_grad()
-def patch_loss(model: FoundationNet, task: str, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-               device: torch.device | str = "cpu") -> float:
+def patch_loss(
+    model: FoundationNet,
+    task: str,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+) -> float:
     """Mean Dice + CE training loss of ``model`` on fixed patches: each batch's loss weighted by its size.
 
     Args:
@@ -270,8 +277,8 @@ def patch_loss(model: FoundationNet, task: str, images: torch.Tensor, labels: to
     loss_fn = segmentation_loss()
     total = 0.0
     for start in range(0, images.shape[0], batch_size):
-        x = images[start:start + batch_size].to(device)
-        y = labels[start:start + batch_size].to(device)
+        x = images[start : start + batch_size].to(device)
+        y = labels[start : start + batch_size].to(device)
         total += float(loss_fn(model.segment(x, task), y)) * x.shape[0]
     return total / images.shape[0]
 
@@ -321,8 +328,10 @@ def _load_state(path: Path, job_hash: str) -> dict[int, float]:
     except (OSError, ValueError) as err:
         raise InputError(path, f"unreadable partial results ({err}); delete {path.parent} to start over") from err
     if state.get("job_hash") != job_hash:
-        raise InputError(path, f"was written for job {state.get('job_hash')}, this job is {job_hash}; "
-                               f"delete {path.parent} to start over")
+        raise InputError(
+            path,
+            f"was written for job {state.get('job_hash')}, this job is {job_hash}; delete {path.parent} to start over",
+        )
     return {int(k): float(v) for k, v in state["losses"].items()}
 
 
@@ -355,8 +364,9 @@ def surface_figure(table: pd.DataFrame, axis: np.ndarray, origin_loss: float, ti
     if finite.size and finite.max() > finite.min():
         levels = np.linspace(finite.min(), finite.max(), 16)
         filled = ax.contourf(axis, axis, np.ma.masked_invalid(surface), levels=levels, cmap="viridis")
-        lines = ax.contour(axis, axis, np.ma.masked_invalid(surface), levels=levels[::3], colors="white",
-                           linewidths=0.6)
+        lines = ax.contour(
+            axis, axis, np.ma.masked_invalid(surface), levels=levels[::3], colors="white", linewidths=0.6
+        )
         ax.clabel(lines, fontsize=6, fmt="%.3g")
         fig.colorbar(filled, ax=ax, label="validation loss (Dice + CE)", format="%.4g")
     else:
@@ -373,8 +383,16 @@ def surface_figure(table: pd.DataFrame, axis: np.ndarray, origin_loss: float, ti
 # ---------------------------------------------------------------------------------------------- stage
 
 
-def run(model_dir: Path, data: Path, task: str, out: Path, work: Path, settings: Mapping[str, Any],
-        method: str | None = None, step: str | None = None) -> list[Path]:
+def run(
+    model_dir: Path,
+    data: Path,
+    task: str,
+    out: Path,
+    work: Path,
+    settings: Mapping[str, Any],
+    method: str | None = None,
+    step: str | None = None,
+) -> list[Path]:
     """Evaluate the loss landscape of ``model_dir`` on ``task`` and write the table and figures to ``out``.
 
     Args:
@@ -394,15 +412,19 @@ def run(model_dir: Path, data: Path, task: str, out: Path, work: Path, settings:
     device = resolve_device(conf.device)
     model = load_model(model_dir)
     if task not in model.seg_heads:
-        raise InputError(model_dir / "model.json", f"has no segmentation head {task!r} (heads: {sorted(model.seg_heads)})")
+        raise InputError(
+            model_dir / "model.json", f"has no segmentation head {task!r} (heads: {sorted(model.seg_heads)})"
+        )
     manifest_path = data / "manifest.parquet"
     if not manifest_path.is_file():
         raise InputError(manifest_path, "missing: run the preprocess step for this task first")
     manifest = read_parquet(manifest_path)
     classes = int(manifest["num_classes"].iloc[0])
     if int(model.seg_heads[task].out_channels) != classes:
-        raise InputError(model_dir / "model.json", f"head {task!r} has {model.seg_heads[task].out_channels} "
-                                                   f"classes, {manifest_path} has {classes}")
+        raise InputError(
+            model_dir / "model.json",
+            f"head {task!r} has {model.seg_heads[task].out_channels} classes, {manifest_path} has {classes}",
+        )
     cases, split = choose_cases(manifest, conf.cases, manifest_path)
     store = CaseStore(data, cases, with_labels=True)
     images, labels = fixed_patches(store, conf.patch_size)
@@ -420,8 +442,12 @@ def run(model_dir: Path, data: Path, task: str, out: Path, work: Path, settings:
     model.to(device)
     params = landscape_parameters(model, task)
     d1, d2 = random_directions(params, conf.seed, 2)
-    perturber = _Perturber(params, {n: p.detach().clone() for n, p in params.items()},
-                           {n: d.to(device) for n, d in d1.items()}, {n: d.to(device) for n, d in d2.items()})
+    perturber = _Perturber(
+        params,
+        {n: p.detach().clone() for n, p in params.items()},
+        {n: d.to(device) for n, d in d1.items()},
+        {n: d.to(device) for n, d in d2.items()},
+    )
     stop = StopSignal("landscape", "grid point", log)
     bar = tqdm(total=len(unique), initial=len(losses), desc=f"landscape {task}", file=sys.stderr, mininterval=1.5)
     try:
@@ -434,19 +460,32 @@ def run(model_dir: Path, data: Path, task: str, out: Path, work: Path, settings:
                 save_json({"job_hash": job_hash, "losses": {str(i): v for i, v in sorted(losses.items())}}, state_path)
                 bar.update(1)
                 if stop.signum is not None and len(losses) < len(unique):
-                    log.warning("landscape: %d of %d grid points saved in %s; exiting", len(losses), len(unique),
-                                state_path)
+                    log.warning(
+                        "landscape: %d of %d grid points saved in %s; exiting", len(losses), len(unique), state_path
+                    )
                     raise SystemExit(128 + stop.signum)
     finally:
         bar.close()
     perturber.set(0.0, 0.0)
 
     by_point = {ab: losses[k] for k, ab in enumerate(unique)}
-    table = pd.DataFrame([{"kind": kind, "i": i, "j": j, "alpha": a, "beta": b, "loss": by_point[(a, b)]}
-                          for kind, i, j, a, b in points], columns=COLUMNS)
+    table = pd.DataFrame(
+        [
+            {"kind": kind, "i": i, "j": j, "alpha": a, "beta": b, "loss": by_point[(a, b)]}
+            for kind, i, j, a, b in points
+        ],
+        columns=COLUMNS,
+    )
     origin_loss = by_point[(0.0, 0.0)]
-    extra = {"task": task, "method": method, "step": step, "cases": cases, "split": split,
-             "model_id": model_id(model_dir), "origin_loss": origin_loss}
+    extra = {
+        "task": task,
+        "method": method,
+        "step": step,
+        "cases": cases,
+        "split": split,
+        "model_id": model_id(model_dir),
+        "origin_loss": origin_loss,
+    }
     prov = make_provenance("landscape", recorded, inputs=inputs, seed=conf.seed, **extra)
     write_parquet(table, out / TABLE, prov)
     written = [out / TABLE]
@@ -458,8 +497,9 @@ def run(model_dir: Path, data: Path, task: str, out: Path, work: Path, settings:
         if 2 in conf.dims:
             figures.append((SURFACE_FIGURE, surface_figure(table, axis, origin_loss, title)))
         for name, fig in figures:
-            save_figure(fig, out / name, conf.dpi, make_provenance("landscape", recorded, inputs=[out / TABLE],
-                                                                    **extra))
+            save_figure(
+                fig, out / name, conf.dpi, make_provenance("landscape", recorded, inputs=[out / TABLE], **extra)
+            )
             written.append(out / name)
     log.info("landscape of %s on %s: %d grid points, loss at the model %.6g", model_dir, task, len(table), origin_loss)
     return written

@@ -15,9 +15,9 @@ from typing import Any
 from stages.core.errors import InputError, run_cli
 from stages.core.io import make_provenance, read_json
 from stages.core.log import stage_log
-from stages.core.settings import add_settings_argument
 from stages.core.lora import load_adapter, merge_lora
 from stages.core.nets import load_model, model_id, save_model
+from stages.core.settings import add_settings_argument
 
 __all__ = ["run", "main"]
 
@@ -36,8 +36,11 @@ def run(base: Path, adapter: Path, out: Path, settings: dict[str, Any] | None = 
     model.add_head(task, num_classes)
     merged = merge_lora(load_adapter(model, adapter))
     prov = make_provenance(
-        "merge", settings or {}, inputs=[base / "model.safetensors", adapter / "adapter_model.safetensors"],
-        base_model=model_id(base), task=task,
+        "merge",
+        settings or {},
+        inputs=[base / "model.safetensors", adapter / "adapter_model.safetensors"],
+        base_model=model_id(base),
+        task=task,
     )
     save_model(merged, out, prov)
 

@@ -58,16 +58,21 @@ FORGETTING_FIGURE = "forgetting.png"
 BUDGET_FIGURE = "budget.png"
 TRAINING_FIGURE = "training_loss.png"
 STAGE_ORDER = ("pretrain", "train", "teacher", "adapter")
-STAGE_TITLES = {"pretrain": "M0 pre-training (SSL loss)", "train": "step models (full FT / multi-task / no-LoRA)",
-                "teacher": "K&G knowledge stage (teacher)", "adapter": "K&G retention stage (LoRA)"}
+STAGE_TITLES = {
+    "pretrain": "M0 pre-training (SSL loss)",
+    "train": "step models (full FT / multi-task / no-LoRA)",
+    "teacher": "K&G knowledge stage (teacher)",
+    "adapter": "K&G retention stage (LoRA)",
+}
 
 
 @dataclass(frozen=True)
 class PlotSettings:
     """Settings of the figures (defaults: the schema's, for direct callers)."""
 
-    reference: str = setting("medseqft", help="the method whose best and worst test case per task are drawn",
-                             schema="summary.reference")
+    reference: str = setting(
+        "medseqft", help="the method whose best and worst test case per task are drawn", schema="summary.reference"
+    )
     dpi: int = setting(100, help="resolution of every PNG", schema="summary.dpi")
 
     def __post_init__(self) -> None:
@@ -151,7 +156,7 @@ def dice_boxplots(cases: pd.DataFrame, colours: Mapping[str, Any]) -> Figure | N
         ax.set_ylabel("Dice (mean over foreground classes)")
         ax.set_title(f"{task} (n = {part.groupby('method')['case'].nunique().max()} test cases)", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-    for ax in axes[len(tasks):]:
+    for ax in axes[len(tasks) :]:
         ax.set_visible(False)
     return fig
 
@@ -181,14 +186,21 @@ def forgetting_heatmaps(forgetting: pd.DataFrame, bwt: pd.DataFrame) -> Figure |
         image = ax.imshow(np.ma.masked_invalid(r), cmap="viridis", vmin=0.0, vmax=1.0)
         for i in range(k):
             for j in range(i + 1):
-                ax.text(j, i, f"{r[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                        color="white" if r[i, j] < 0.6 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{r[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if r[i, j] < 0.6 else "black",
+                )
         ax.set_xticks(range(k), steps, rotation=35, ha="right", fontsize=8)
         ax.set_yticks(range(k), [f"after {s}" for s in steps], fontsize=8)
         ax.set_xlabel("task evaluated")
         b = bwt[bwt["method"] == method]["bwt"]
         ax.set_title(method + (f"  (BWT {b.iloc[0]:+.3f})" if not b.empty else ""), fontsize=10)
-    for ax in axes[len(methods):]:
+    for ax in axes[len(methods) :]:
         ax.set_visible(False)
     if image is not None:
         fig.colorbar(image, ax=axes[: len(methods)].tolist(), label="mean Dice", shrink=0.8)
@@ -241,15 +253,21 @@ def training_curves(logs: pd.DataFrame, colours: Mapping[str, Any]) -> Figure | 
         for (method, step), grp in part.groupby(["method", "step"], sort=True):
             steps = sorted(part[part["method"] == method]["step"].unique())
             grp = grp.sort_values("iteration")
-            ax.plot(grp["iteration"], grp["loss"], linestyle=styles[steps.index(step) % len(styles)],
-                    color=colours.get(method, "black"), label=f"{method} / {step}", linewidth=1.2)
+            ax.plot(
+                grp["iteration"],
+                grp["loss"],
+                linestyle=styles[steps.index(step) % len(styles)],
+                color=colours.get(method, "black"),
+                label=f"{method} / {step}",
+                linewidth=1.2,
+            )
         ax.set_title(STAGE_TITLES.get(stage, stage), fontsize=10)
         ax.set_xlabel("iteration")
         ax.set_ylabel("loss")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=1 + len(part.groupby(["method", "step"])) // 12)
         _val_dice(ax, part, colours)
-    for ax in axes[len(stages):]:
+    for ax in axes[len(stages) :]:
         ax.set_visible(False)
     return fig
 
@@ -268,8 +286,16 @@ def _val_dice(ax: Any, part: pd.DataFrame, colours: Mapping[str, Any]) -> None:
     for (method, _), grp in val.groupby(["method", "step"], sort=True):
         grp = grp.sort_values("iteration")
         colour = colours.get(method, "black")
-        right.plot(grp["iteration"], grp["val_score"], marker="o", markersize=3, linestyle="-", linewidth=0.6,
-                   alpha=0.8, color=colour)
+        right.plot(
+            grp["iteration"],
+            grp["val_score"],
+            marker="o",
+            markersize=3,
+            linestyle="-",
+            linewidth=0.6,
+            alpha=0.8,
+            color=colour,
+        )
         best = grp.loc[grp["val_score"].idxmax()]
         right.plot([best["iteration"]], [best["val_score"]], marker="o", markersize=8, fillstyle="none", color=colour)
     right.set_ylabel("validation Dice (o, best ringed)")
@@ -292,9 +318,16 @@ def _slice_index(gt: np.ndarray, pred: np.ndarray) -> int:
     return int((z[0] + z[-1]) // 2) if z.size else gt.shape[2] // 2
 
 
-def case_overlay(task: str, picks: Sequence[tuple[str, str, float]], images: Sequence[Path], labels: Sequence[Path],
-                 predictions: Sequence[Path], label_setting: Any, num_classes: int,
-                 class_names: Mapping[str, str] | None = None) -> Figure:
+def case_overlay(
+    task: str,
+    picks: Sequence[tuple[str, str, float]],
+    images: Sequence[Path],
+    labels: Sequence[Path],
+    predictions: Sequence[Path],
+    label_setting: Any,
+    num_classes: int,
+    class_names: Mapping[str, str] | None = None,
+) -> Figure:
     """Rows of (image, image + ground truth, image + prediction) at the axial slice through the structures.
 
     Args:
@@ -321,18 +354,29 @@ def case_overlay(task: str, picks: Sequence[tuple[str, str, float]], images: Seq
         lo, hi = np.percentile(img, [0.5, 99.5])
         aspect = zooms[1] / zooms[0]
         for ax, overlay, title in zip(row, (None, gt, pr), ("image", "ground truth", "prediction")):
-            ax.imshow(img[:, :, z].T, cmap="gray", vmin=lo, vmax=hi, origin="lower", aspect=aspect,
-                      interpolation="nearest")
+            ax.imshow(
+                img[:, :, z].T, cmap="gray", vmin=lo, vmax=hi, origin="lower", aspect=aspect, interpolation="nearest"
+            )
             if overlay is not None:
                 seg = overlay[:, :, z].T.astype(np.int64)
-                ax.imshow(np.ma.masked_where(seg == 0, seg - 1), cmap=cmap, norm=norm, alpha=0.5, origin="lower",
-                          aspect=aspect, interpolation="nearest")
+                ax.imshow(
+                    np.ma.masked_where(seg == 0, seg - 1),
+                    cmap=cmap,
+                    norm=norm,
+                    alpha=0.5,
+                    origin="lower",
+                    aspect=aspect,
+                    interpolation="nearest",
+                )
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(f"{title}" if overlay is not None else f"{role}: {case}\nDice {dice:.3f}, axial slice {z}",
-                         fontsize=9)
+            ax.set_title(
+                f"{title}" if overlay is not None else f"{role}: {case}\nDice {dice:.3f}, axial slice {z}", fontsize=9
+            )
     names = class_names or {}
-    handles = [Patch(color=cmap(c - 1), alpha=0.5, label=names.get(str(c), f"class {c}")) for c in range(1, num_classes)]
+    handles = [
+        Patch(color=cmap(c - 1), alpha=0.5, label=names.get(str(c), f"class {c}")) for c in range(1, num_classes)
+    ]
     fig.legend(handles=handles, loc="outside lower center", ncols=max(1, len(handles)), fontsize=8)
     fig.suptitle(task, fontsize=11)
     return fig
@@ -357,11 +401,16 @@ def _overlay_inputs(spec: Overlay, cases: pd.DataFrame, reference: str) -> dict[
     manifest_path = spec.data / "manifest.parquet"
     if not manifest_path.is_file():
         raise InputError(manifest_path, "file not found")
-    dice = cases[(cases["method"] == reference) & (cases["step"] == spec.step) & (cases["task"] == spec.task)
-                 & (cases["metric"] == "dice")]
+    dice = cases[
+        (cases["method"] == reference)
+        & (cases["step"] == spec.step)
+        & (cases["task"] == spec.task)
+        & (cases["metric"] == "dice")
+    ]
     if dice.empty:
-        raise InputError("--overlay", f"no Dice of method {reference}, step {spec.step} on task {spec.task} "
-                                      "in cases.parquet")
+        raise InputError(
+            "--overlay", f"no Dice of method {reference}, step {spec.step} on task {spec.task} in cases.parquet"
+        )
     ranked = dice.sort_values(["value", "case"], ascending=[False, True])
     best, worst = ranked.iloc[0], ranked.iloc[-1]
     picks = [("best", str(best["case"]), float(best["value"]))]
@@ -387,9 +436,16 @@ def _overlay_inputs(spec: Overlay, cases: pd.DataFrame, reference: str) -> dict[
     label_setting = prov.get("settings", {}).get("labels")
     names = prov.get("labels") if isinstance(prov.get("labels"), dict) else None
     num_classes = int(manifest["num_classes"].iloc[0])
-    return {"picks": picks, "images": images, "labels": labels, "predictions": preds,
-            "label_setting": label_setting, "num_classes": num_classes, "class_names": names,
-            "manifest": manifest_path}
+    return {
+        "picks": picks,
+        "images": images,
+        "labels": labels,
+        "predictions": preds,
+        "label_setting": label_setting,
+        "num_classes": num_classes,
+        "class_names": names,
+        "manifest": manifest_path,
+    }
 
 
 def run(summary: Path, out: Path, settings: Mapping[str, Any], overlays: Sequence[Overlay] = ()) -> list[Path]:
@@ -423,17 +479,33 @@ def run(summary: Path, out: Path, settings: Mapping[str, Any], overlays: Sequenc
 
     with matplotlib.style.context(FIGURE_STYLE):  # ignore any user matplotlibrc: same pixels everywhere
         emit(dice_boxplots(cases, colours), DICE_FIGURE, [summary / "cases.parquet"])
-        emit(forgetting_heatmaps(forgetting, bwt), FORGETTING_FIGURE,
-             [summary / "forgetting.parquet", summary / "bwt.parquet"])
+        emit(
+            forgetting_heatmaps(forgetting, bwt),
+            FORGETTING_FIGURE,
+            [summary / "forgetting.parquet", summary / "bwt.parquet"],
+        )
         emit(budget_curves(budget, method_colours(budget["strategy"])), BUDGET_FIGURE, [summary / "budget.parquet"])
         emit(training_curves(logs, colours), TRAINING_FIGURE, [summary / "training_logs.parquet"])
         for spec, plan in plans:
-            fig = case_overlay(spec.task, plan["picks"], plan["images"], plan["labels"], plan["predictions"],
-                               plan["label_setting"], plan["num_classes"], plan["class_names"])
-            emit(fig, overlay_name(spec.task),
-                 [summary / "cases.parquet", plan["manifest"], *plan["images"], *plan["labels"], *plan["predictions"]],
-                 method=conf.reference, step=spec.step, task=spec.task,
-                 cases={role: case for role, case, _ in plan["picks"]})
+            fig = case_overlay(
+                spec.task,
+                plan["picks"],
+                plan["images"],
+                plan["labels"],
+                plan["predictions"],
+                plan["label_setting"],
+                plan["num_classes"],
+                plan["class_names"],
+            )
+            emit(
+                fig,
+                overlay_name(spec.task),
+                [summary / "cases.parquet", plan["manifest"], *plan["images"], *plan["labels"], *plan["predictions"]],
+                method=conf.reference,
+                step=spec.step,
+                task=spec.task,
+                cases={role: case for role, case, _ in plan["picks"]},
+            )
     return written
 
 
@@ -441,8 +513,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m stages.plots", description=__doc__.splitlines()[0])
     parser.add_argument("--summary", type=Path, required=True, help="summary folder of stages.aggregate")
     parser.add_argument("--out", type=Path, required=True, help="folder of the figures")
-    parser.add_argument("--overlay", type=parse_overlay, nargs="*", default=[], metavar="TASK:STEP:PREDICTIONS:DATA",
-                        help="draw the reference method's best and worst test case of TASK (model of STEP)")
+    parser.add_argument(
+        "--overlay",
+        type=parse_overlay,
+        nargs="*",
+        default=[],
+        metavar="TASK:STEP:PREDICTIONS:DATA",
+        help="draw the reference method's best and worst test case of TASK (model of STEP)",
+    )
     add_settings_argument(parser, PlotSettings)
     args = parser.parse_args(argv)
     with stage_log(parser, args):

@@ -38,8 +38,8 @@ import argparse
 import math
 import sys
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -60,7 +60,6 @@ from stages.core.geometry import (
 )
 from stages.core.io import build_folder, make_provenance, save_npy, sha256_file, write_parquet
 from stages.core.log import stage_log
-from stages.core.settings import add_settings_argument
 from stages.core.msd import (
     Dataset,
     ValidatedCase,
@@ -70,6 +69,7 @@ from stages.core.msd import (
     read_dataset,
     validate_dataset,
 )
+from stages.core.settings import add_settings_argument
 from stages.core.split import split_cases
 
 __all__ = ["DEFAULT_SETTINGS", "MANIFEST_SCHEMA", "held_out_cases", "resolve_settings", "split_cases", "run", "main"]
@@ -161,8 +161,11 @@ def resolve_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     if holdout is not None:
         if not isinstance(holdout, Mapping) or set(holdout) != {"fraction", "keep"}:
             raise InputError("settings.holdout", f"must be null or {{fraction, keep}}, got {holdout!r}")
-        if isinstance(holdout["fraction"], bool) or not isinstance(holdout["fraction"], (int, float)) \
-                or not 0 <= holdout["fraction"] < 1:
+        if (
+            isinstance(holdout["fraction"], bool)
+            or not isinstance(holdout["fraction"], (int, float))
+            or not 0 <= holdout["fraction"] < 1
+        ):
             raise InputError("settings.holdout.fraction", f"must be in [0, 1), got {holdout['fraction']!r}")
         if holdout["keep"] not in ("held", "rest"):
             raise InputError("settings.holdout.keep", f"must be 'held' or 'rest', got {holdout['keep']!r}")
@@ -201,9 +204,7 @@ def _label_map(dataset: Dataset, labels: dict[int, str], kept: list[int] | None)
         kept = sorted(v for v in labels if v != 0)
     missing = [v for v in kept if v not in labels]
     if missing:
-        raise InputError(
-            "settings.labels", f"values {missing} are not labels of {dataset.root} (labels: {labels})"
-        )
+        raise InputError("settings.labels", f"values {missing} are not labels of {dataset.root} (labels: {labels})")
     return {source: cls for cls, source in enumerate(kept, start=1)}
 
 
@@ -322,36 +323,46 @@ def _shape_text(case: ValidatedCase) -> str:
 
 
 def _check_sizes(
-    ds: Dataset, cases: Sequence[ValidatedCase], spacings: Sequence[Sequence[float]], target: Sequence[float],
+    ds: Dataset,
+    cases: Sequence[ValidatedCase],
+    spacings: Sequence[Sequence[float]],
+    target: Sequence[float],
     max_voxels: int,
 ) -> None:
     """Refuse cases whose resampled volume would exceed ``max_voxels``; warn about size/spacing outliers."""
-    resampled = [
-        math.prod(c.shape) * math.prod(sp) / math.prod(target) for c, sp in zip(cases, spacings, strict=True)
-    ]
+    resampled = [math.prod(c.shape) * math.prod(sp) / math.prod(target) for c, sp in zip(cases, spacings, strict=True)]
     too_big = [
         f"  {c.image}: {_shape_text(c)} would become ~{n / 1e6:.0f} M voxels at {mm_text(target)} mm "
         f"(limit {max_voxels / 1e6:.0f} M)"
-        for c, n in zip(cases, resampled, strict=True) if n > max_voxels
+        for c, n in zip(cases, resampled, strict=True)
+        if n > max_voxels
     ]
     if too_big:
-        raise InputError(ds.root, f"{len(too_big)} case(s) too large once resampled (a wrong spacing in the "
-                                  f"header? else raise preprocess.max_voxels):\n" + "\n".join(too_big))
+        raise InputError(
+            ds.root,
+            f"{len(too_big)} case(s) too large once resampled (a wrong spacing in the "
+            f"header? else raise preprocess.max_voxels):\n" + "\n".join(too_big),
+        )
     median_size = float(np.median(resampled))
     median_sp = np.median(np.asarray(spacings, dtype=np.float64), axis=0)
     for c, n, sp in zip(cases, resampled, spacings, strict=True):
         ratio = float(np.max(np.maximum(np.asarray(sp) / median_sp, median_sp / np.asarray(sp))))
         if n > OUTLIER_FACTOR * median_size or ratio > OUTLIER_FACTOR:
-            print(f"warning: {c.image}: {_shape_text(c)}, {ratio:.1f}x the dataset's median spacing "
-                  f"{mm_text(median_sp)} mm, {n / median_size:.1f}x its median resampled size: check its header",
-                  file=sys.stderr)
+            print(
+                f"warning: {c.image}: {_shape_text(c)}, {ratio:.1f}x the dataset's median spacing "
+                f"{mm_text(median_sp)} mm, {n / median_size:.1f}x its median resampled size: check its header",
+                file=sys.stderr,
+            )
 
 
 def _check_foreground(ds: Dataset, cases: Sequence[ValidatedCase], label_map: Mapping[int, int]) -> None:
     """Refuse a task none of whose label volumes holds any of its labels: there is nothing to learn."""
     if not any(set(c.label_values) & set(label_map) for c in cases):
-        raise InputError(ds.root, f"every label volume is empty for this task's labels {sorted(label_map)} "
-                                  f"({len(cases)} cases): nothing to segment")
+        raise InputError(
+            ds.root,
+            f"every label volume is empty for this task's labels {sorted(label_map)} "
+            f"({len(cases)} cases): nothing to segment",
+        )
 
 
 def _save_and_hash(array: np.ndarray, path: Path) -> str:
@@ -380,8 +391,11 @@ def _preprocess_one(
     array, seg, geometry = preprocess_case(image, label, target, norm, ct_stats, label_map)
     del image, raw, label
     if not np.isfinite(array).all():  # validation rules this out; never hand Inf/NaN to training
-        raise InputError(case.image, f"preprocessing produced {int(np.count_nonzero(~np.isfinite(array)))} "
-                                     f"non-finite voxels ({norm} normalisation)")
+        raise InputError(
+            case.image,
+            f"preprocessing produced {int(np.count_nonzero(~np.isfinite(array)))} "
+            f"non-finite voxels ({norm} normalisation)",
+        )
     array_hash = writer.write(array, out / f"{case.case_id}.npy")
     counts, seg_hash = None, None
     if seg is not None:
@@ -398,10 +412,19 @@ def _preprocess_one(
         # futures until the writer is done: run() puts the digests in their place
         "array_sha256": array_hash,
         "seg_sha256": seg_hash,
-        **{key: geometry[key] for key in (
-            "orig_shape", "orig_spacing", "orig_affine", "orig_axcodes",
-            "crop_box", "cropped_shape", "shape", "spacing",
-        )},
+        **{
+            key: geometry[key]
+            for key in (
+                "orig_shape",
+                "orig_spacing",
+                "orig_affine",
+                "orig_axcodes",
+                "crop_box",
+                "cropped_shape",
+                "shape",
+                "spacing",
+            )
+        },
         "intensity_mean": stats["mean"],
         "intensity_std": stats["std"],
         "intensity_p005": stats["p005"],
@@ -482,8 +505,10 @@ def run(dataset: Path, out: Path, settings: Mapping[str, Any]) -> None:
                         _preprocess_one(case, writer, folder, split, target, norm, ct_stats, label_map, num_classes)
                     )
                 except MemoryError as err:
-                    raise InputError(case.image, f"ran out of memory resampling it to {mm_text(target)} mm "
-                                                 f"({_shape_text(case)}): {err}") from None
+                    raise InputError(
+                        case.image,
+                        f"ran out of memory resampling it to {mm_text(target)} mm ({_shape_text(case)}): {err}",
+                    ) from None
         for row in rows:  # every write has finished: the futures hold the files' digests
             for key in ("array_sha256", "seg_sha256"):
                 if row[key] is not None:

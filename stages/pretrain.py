@@ -36,7 +36,9 @@ class PretrainHyper:
     batch_size: int = setting(help="crops per step", schema="foundation.pretrain.batch_size")
     lr: float = setting(help="AdamW learning rate", schema="foundation.pretrain.lr")
     weight_decay: float = setting(help="AdamW weight decay", schema="foundation.pretrain.weight_decay")
-    checkpoint_every: int = setting(help="steps between resumable checkpoints", schema="foundation.pretrain.checkpoint_every")
+    checkpoint_every: int = setting(
+        help="steps between resumable checkpoints", schema="foundation.pretrain.checkpoint_every"
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,8 +48,9 @@ class PretrainSettings:
     arch: str = setting(help="backbone (stages.core.nets)", schema="foundation.arch")
     in_channels: int = setting(help="input channels", schema="foundation.in_channels")
     arch_kwargs: dict[str, Any] | None = setting(help="backbone keyword arguments", schema="foundation.arch_kwargs")
-    ssl: dict[str, Any] = setting(help="SSL heads and views (patch_size, mask_ratio, mask_patch, loss weights, ...)",
-                                  schema="foundation.ssl")
+    ssl: dict[str, Any] = setting(
+        help="SSL heads and views (patch_size, mask_ratio, mask_patch, loss weights, ...)", schema="foundation.ssl"
+    )
     pretrain: PretrainHyper = setting(help="optimisation", schema="foundation.pretrain")
     seed: int = setting(help="seeds the initialisation, the crops and the views", schema="seed")
     device: str = setting(help="cpu, cuda or cuda:N", schema="device")
@@ -83,8 +86,14 @@ def run(pool: Path, out: Path, work: Path, settings: Mapping[str, Any]) -> None:
     def step_fn(net: torch.nn.Module, step: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         picks = torch.randint(len(cases), (hp.batch_size,), generator=generator).tolist()
         views = [
-            make_views(torch.from_numpy(np.array(volumes[cases[i]])), 1, ssl["patch_size"], ssl["mask_ratio"],
-                       ssl["mask_patch"], generator)
+            make_views(
+                torch.from_numpy(np.array(volumes[cases[i]])),
+                1,
+                ssl["patch_size"],
+                ssl["mask_ratio"],
+                ssl["mask_patch"],
+                generator,
+            )
             for i in picks
         ]
         batch = {k: torch.cat([v[k] for v in views]).to(device) for k in views[0]}
@@ -97,8 +106,14 @@ def run(pool: Path, out: Path, work: Path, settings: Mapping[str, Any]) -> None:
         model,
         list(model.parameters()),
         step_fn,
-        TrainSettings(steps=hp.steps, lr=hp.lr, weight_decay=hp.weight_decay,
-                      checkpoint_every=hp.checkpoint_every, device=str(device), seed=seed),
+        TrainSettings(
+            steps=hp.steps,
+            lr=hp.lr,
+            weight_decay=hp.weight_decay,
+            checkpoint_every=hp.checkpoint_every,
+            device=str(device),
+            seed=seed,
+        ),
         work_dir=work / job_hash,
         config_hash=job_hash,
         name="pretrain",

@@ -101,28 +101,37 @@ class QuerySettings:
     strategy: str = setting(help="a registered strategy (stages.core.strategies.STRATEGIES)", schema="assft.strategies")
     budget: int = setting(help="cases picked this round (all remaining ones if fewer are left)", schema="assft.budget")
     seed: int = setting(help="seeds the random strategies and the MC-dropout masks (the chain's seed)", schema="seed")
-    options: dict[str, Any] = setting(help="the strategy's options (its settings dataclass; assft.options.<strategy>)",
-                                      schema="assft.options")
-    dkd_knowledge: str = setting(help="DKD's k: winsorised (clipped at dkd_winsor_quantile) or rank (raw)",
-                                 schema="assft.dkd_knowledge")
-    dkd_winsor_quantile: float = setting(help="the quantile of k over the round's candidates where it is clipped",
-                                         schema="assft.dkd_winsor_quantile")
-    patch_size: list[int] | None = setting(help="sliding-window size of the model's predictions (the training patch)",
-                                           schema="train.patch_size")
+    options: dict[str, Any] = setting(
+        help="the strategy's options (its settings dataclass; assft.options.<strategy>)", schema="assft.options"
+    )
+    dkd_knowledge: str = setting(
+        help="DKD's k: winsorised (clipped at dkd_winsor_quantile) or rank (raw)", schema="assft.dkd_knowledge"
+    )
+    dkd_winsor_quantile: float = setting(
+        help="the quantile of k over the round's candidates where it is clipped", schema="assft.dkd_winsor_quantile"
+    )
+    patch_size: list[int] | None = setting(
+        help="sliding-window size of the model's predictions (the training patch)", schema="train.patch_size"
+    )
     overlap: float = setting(help="sliding-window overlap", schema="inference.overlap")
     sw_batch_size: int = setting(help="windows per forward pass", schema="inference.sw_batch_size")
     device: str = setting(help="cpu, cuda or cuda:N", schema="device")
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
-            raise InputError("settings.strategy", f"unknown strategy {self.strategy!r}; choose from {sorted(STRATEGIES)}")
+            raise InputError(
+                "settings.strategy", f"unknown strategy {self.strategy!r}; choose from {sorted(STRATEGIES)}"
+            )
         if self.budget < 1:
             raise InputError("settings.budget", f"must be an integer >= 1, got {self.budget!r}")
         if self.dkd_knowledge not in DKD_KNOWLEDGE:
-            raise InputError("settings.dkd_knowledge",
-                             f"must be one of {list(DKD_KNOWLEDGE)}, got {self.dkd_knowledge!r}")
+            raise InputError(
+                "settings.dkd_knowledge", f"must be one of {list(DKD_KNOWLEDGE)}, got {self.dkd_knowledge!r}"
+            )
         if not 0.0 < self.dkd_winsor_quantile <= 1.0:
-            raise InputError("settings.dkd_winsor_quantile", f"must be a number in (0, 1], got {self.dkd_winsor_quantile!r}")
+            raise InputError(
+                "settings.dkd_winsor_quantile", f"must be a number in (0, 1], got {self.dkd_winsor_quantile!r}"
+            )
 
 
 def resolve_settings(settings: Mapping[str, Any]) -> tuple[QuerySettings, Any]:
@@ -133,8 +142,9 @@ def resolve_settings(settings: Mapping[str, Any]) -> tuple[QuerySettings, Any]:
     """
     cfg = from_mapping(QuerySettings, settings, "query_round", "settings", noun="query settings")
     strategy = STRATEGIES[cfg.strategy]
-    options = from_mapping(strategy.settings, cfg.options, f"query_round ({cfg.strategy})", "settings.options",
-                           noun="options")
+    options = from_mapping(
+        strategy.settings, cfg.options, f"query_round ({cfg.strategy})", "settings.options", noun="options"
+    )
     return cfg, options
 
 
@@ -208,8 +218,16 @@ def _model_scores(
         if mc:
             generator = torch.Generator().manual_seed(seed_from("mc_dropout", cfg.seed, case))
             samples = mc_dropout_probabilities(
-                model, task, image, patch, options.passes, options.dropout, generator,
-                cfg.overlap, cfg.sw_batch_size, device,
+                model,
+                task,
+                image,
+                patch,
+                options.passes,
+                options.dropout,
+                generator,
+                cfg.overlap,
+                cfg.sw_batch_size,
+                device,
             )
             scores = mc_dropout_scores(samples)
             out["mc_entropy"].append(scores["mc_entropy"])
@@ -288,8 +306,15 @@ def _knowledge(ssl_scores: Path, cases: list[str], cfg: QuerySettings) -> _Knowl
 
 
 def _table(
-    cases: list[str], round_index: int, cfg: QuerySettings, mid: str | None, fallback: str | None, order: list[int],
-    columns: Mapping[str, np.ndarray], knowledge: _Knowledge, model_scores: Mapping[str, np.ndarray] | None,
+    cases: list[str],
+    round_index: int,
+    cfg: QuerySettings,
+    mid: str | None,
+    fallback: str | None,
+    order: list[int],
+    columns: Mapping[str, np.ndarray],
+    knowledge: _Knowledge,
+    model_scores: Mapping[str, np.ndarray] | None,
 ) -> pa.Table:
     """The query table: the schema of :func:`query_schema`, each column from the step's columns, else the model's."""
     n = len(cases)
@@ -350,7 +375,9 @@ def run(
         raise InputError("--round", f"must be an integer >= 0, got {round_index!r}")
     strategy = STRATEGIES[cfg.strategy]
     if strategy.needs_model and model_dir is None and round_index > 0:
-        raise InputError("--model", f"strategy {cfg.strategy!r} needs the previous round's model at round {round_index}")
+        raise InputError(
+            "--model", f"strategy {cfg.strategy!r} needs the previous round's model at round {round_index}"
+        )
     use_model = model_dir is not None and strategy.needs_model
     if use_model and cfg.patch_size is None:
         raise InputError("settings.patch_size", "is needed to predict with the model (the training patch size)")
@@ -378,10 +405,22 @@ def run(
     inputs += [labelled] if labelled is not None else []
     inputs += [model_dir / "model.safetensors"] if use_model and model_dir is not None else []
     prov = make_provenance(
-        "query_round", dict(settings), inputs=inputs, seed=cfg.seed, task=task, round=round_index,
-        strategy=cfg.strategy, options=dataclasses.asdict(options), budget=cfg.budget, model_id=mid,
-        fallback=fallback, k_scorer=sorted(set(knowledge.scorer)), picked=[cases[i] for i in order],
-        dkd_knowledge=cfg.dkd_knowledge, dkd_winsor_quantile=cfg.dkd_winsor_quantile, k_cap=knowledge.k_cap,
+        "query_round",
+        dict(settings),
+        inputs=inputs,
+        seed=cfg.seed,
+        task=task,
+        round=round_index,
+        strategy=cfg.strategy,
+        options=dataclasses.asdict(options),
+        budget=cfg.budget,
+        model_id=mid,
+        fallback=fallback,
+        k_scorer=sorted(set(knowledge.scorer)),
+        picked=[cases[i] for i in order],
+        dkd_knowledge=cfg.dkd_knowledge,
+        dkd_winsor_quantile=cfg.dkd_winsor_quantile,
+        k_cap=knowledge.k_cap,
         labelled=sorted(pool.labelled),
     )
     write_parquet(table, out, prov)
@@ -400,8 +439,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     add_settings_argument(parser, QuerySettings)
     args = parser.parse_args(argv)
     with stage_log(parser, args):
-        run(args.data, args.task, args.ssl_scores, args.features, args.round, args.out, args.settings,
-            labelled=args.labelled, model_dir=args.model)
+        run(
+            args.data,
+            args.task,
+            args.ssl_scores,
+            args.features,
+            args.round,
+            args.out,
+            args.settings,
+            labelled=args.labelled,
+            model_dir=args.model,
+        )
 
 
 if __name__ == "__main__":

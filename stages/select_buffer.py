@@ -31,10 +31,16 @@ class BufferSettings:
     """Settings of the buffer selection (defaults: the schema's, for direct callers)."""
 
     strategy: str = setting("mds", help="mds (lowest mean SSL loss) or random (ablation); the method decides")
-    fraction: float = setting(0.1, help="K as a fraction of the task's training cases (methods.md default 10 %, ours)",
-                              schema="medseqft.buffer_fraction")
-    minimum: int = setting(2, help="K is at least this (methods.md default 2, ours), and at most the number of cases",
-                           schema="medseqft.buffer_min")
+    fraction: float = setting(
+        0.1,
+        help="K as a fraction of the task's training cases (methods.md default 10 %, ours)",
+        schema="medseqft.buffer_fraction",
+    )
+    minimum: int = setting(
+        2,
+        help="K is at least this (methods.md default 2, ours), and at most the number of cases",
+        schema="medseqft.buffer_min",
+    )
     seed: int = setting(0, help="seed of the random strategy", schema="seed")
 
 
@@ -90,8 +96,13 @@ def run(scores: Path, task: str, out: Path, settings: dict[str, Any]) -> None:
     chosen = select(table, cfg)
     chosen.insert(0, "task", task)
     prov = make_provenance(
-        "select_buffer", settings, inputs=[scores], seed=cfg.seed, task=task,
-        scorer=read_provenance(scores).get("scorer"), buffer_size=int(chosen["selected"].sum()),
+        "select_buffer",
+        settings,
+        inputs=[scores],
+        seed=cfg.seed,
+        task=task,
+        scorer=read_provenance(scores).get("scorer"),
+        buffer_size=int(chosen["selected"].sum()),
     )
     write_parquet(chosen, out, prov)
 

@@ -57,16 +57,17 @@ __all__ = ["MODES", "PSEUDO_SCHEMA", "PseudoSettings", "run", "main"]
 MODES = ("selective", "all", "none")
 
 
-
 @dataclass(frozen=True, kw_only=True)
 class PseudoSettings:
     """The settings of a pseudo-label selection job."""
 
-    mode: str = setting(help="selective (ASSFT), all (every pseudo-label) or none (no semi-supervision)",
-                        schema="assft.semi")
+    mode: str = setting(
+        help="selective (ASSFT), all (every pseudo-label) or none (no semi-supervision)", schema="assft.semi"
+    )
     q: float = setting(help="kept fraction of each criterion, in (0, 1]", schema="assft.q")
-    patch_size: list[int] | None = setting(help="sliding-window size (the training patch); needed unless mode is none",
-                                           schema="train.patch_size")
+    patch_size: list[int] | None = setting(
+        help="sliding-window size (the training patch); needed unless mode is none", schema="train.patch_size"
+    )
     overlap: float = setting(help="sliding-window overlap", schema="inference.overlap")
     sw_batch_size: int = setting(help="windows per forward pass", schema="inference.sw_batch_size")
     device: str = setting(help="cpu, cuda or cuda:N", schema="device")
@@ -78,10 +79,12 @@ class PseudoSettings:
         if not 0.0 < self.q <= 1.0:
             raise InputError("settings.q", f"must be a fraction in (0, 1], got {self.q!r}")
         if self.mode != "none" and self.patch_size is None:
-            raise InputError("settings.patch_size", "is needed to predict the unlabelled cases (the training patch size)")
+            raise InputError(
+                "settings.patch_size", "is needed to predict the unlabelled cases (the training patch size)"
+            )
         if self.image_link not in IMAGE_LINK_MODES:
-            raise InputError("settings.image_link",
-                             f"must be one of {list(IMAGE_LINK_MODES)}, got {self.image_link!r}")
+            raise InputError("settings.image_link", f"must be one of {list(IMAGE_LINK_MODES)}, got {self.image_link!r}")
+
 
 PSEUDO_SCHEMA = pa.schema(
     [
@@ -165,8 +168,9 @@ def run(
             assert model is not None
             for i, case in enumerate(tqdm(cases, desc=f"pseudo-labels {task}", mininterval=2)):
                 image = np.load(data / "cases" / f"{case}.npy")  # whole volume: inference reads all of it
-                probs = predict_probabilities(model, task, image, cfg.patch_size, cfg.overlap,
-                                              cfg.sw_batch_size, device)
+                probs = predict_probabilities(
+                    model, task, image, cfg.patch_size, cfg.overlap, cfg.sw_batch_size, device
+                )
                 confidence[i], empty[i], label = foreground_confidence(probs)
                 fg_voxels[i] = int(np.count_nonzero(label))
                 # written now, removed below if not kept: memory stays at one volume
@@ -209,8 +213,15 @@ def run(
         )
         inputs = [manifest_path, labelled, features] + ([model_dir / "model.safetensors"] if mid else [])
         prov = make_provenance(
-            "select_pseudo", dict(settings), inputs=inputs, task=task, mode=cfg.mode, q=float(cfg.q),
-            model_id=mid, kept=[c for c, k in zip(cases, kept) if k], labelled=sorted(labelled_cases),
+            "select_pseudo",
+            dict(settings),
+            inputs=inputs,
+            task=task,
+            mode=cfg.mode,
+            q=float(cfg.q),
+            model_id=mid,
+            kept=[c for c, k in zip(cases, kept) if k],
+            labelled=sorted(labelled_cases),
         )
         write_parquet(table, folder / "pseudo.parquet", prov)
 

@@ -35,10 +35,12 @@ class ScoreSettings:
 
     passes: int = setting(help="R, stochastic passes averaged per case", schema="scoring.passes")
     batch: int = setting(help="passes run together in one batch", schema="scoring.batch")
-    ssl: dict[str, Any] = setting(help="the foundation's SSL settings (patch_size, mask_ratio, mask_patch, ...)",
-                                  schema="foundation.ssl")
+    ssl: dict[str, Any] = setting(
+        help="the foundation's SSL settings (patch_size, mask_ratio, mask_patch, ...)", schema="foundation.ssl"
+    )
     seed: int = setting(help="seeds the passes' crops, masks and rotations", schema="seed")
     device: str = setting(help="cpu, cuda or cuda:N", schema="device")
+
 
 COLUMNS = ["case", "split", *SCORE_COLUMNS[1:]]
 
@@ -85,28 +87,55 @@ def run(model_dir: Path, data: Path, out: Path, settings: Mapping[str, Any]) -> 
     volumes = ((c, np.load(data / "cases" / f"{c}.npy", mmap_mode="r")) for c in manifest["case"])
     if has_heads:
         scores = score_cases(
-            model, _Sized(((c, torch.from_numpy(np.array(v))) for c, v in volumes), len(manifest)),
+            model,
+            _Sized(((c, torch.from_numpy(np.array(v))) for c, v in volumes), len(manifest)),
             R=conf.passes,
-            patch_size=ssl["patch_size"], mask_ratio=ssl["mask_ratio"], mask_patch=ssl["mask_patch"],
-            seed=conf.seed, batch=conf.batch,
+            patch_size=ssl["patch_size"],
+            mask_ratio=ssl["mask_ratio"],
+            mask_patch=ssl["mask_patch"],
+            seed=conf.seed,
+            batch=conf.batch,
         )
         inputs = [model_dir / "model.safetensors", manifest_path]
     else:
         stats_path = model_dir / "feature_stats.safetensors"
         if not stats_path.is_file():
-            raise InputError(stats_path, "missing: a model without SSL heads needs its feature statistics for the fallback")
+            raise InputError(
+                stats_path, "missing: a model without SSL heads needs its feature statistics for the fallback"
+            )
         stats = load_safetensors(stats_path)
-        feats = np.stack([pooled_case_feature(model, v, ssl["patch_size"], device=device)
-                          for _, v in tqdm(list(volumes), desc="feature fallback", mininterval=2)])
+        feats = np.stack(
+            [
+                pooled_case_feature(model, v, ssl["patch_size"], device=device)
+                for _, v in tqdm(list(volumes), desc="feature fallback", mininterval=2)
+            ]
+        )
         dist = mahalanobis(feats, stats["mean"].numpy(), stats["cov"].numpy())
-        scores = pd.DataFrame({"case": manifest["case"], "mean": dist, "std": 0.0, "sem": 0.0, "half_a": np.nan,
-                               "half_b": np.nan, "split_half_r": np.nan, "R": 1, "scorer": "feature_fallback"})
+        scores = pd.DataFrame(
+            {
+                "case": manifest["case"],
+                "mean": dist,
+                "std": 0.0,
+                "sem": 0.0,
+                "half_a": np.nan,
+                "half_b": np.nan,
+                "split_half_r": np.nan,
+                "R": 1,
+                "scorer": "feature_fallback",
+            }
+        )
         inputs = [model_dir / "model.safetensors", stats_path, manifest_path]
     reliability = {k: (None if not np.isfinite(v) else v) for k, v in scores.attrs.get("reliability", {}).items()}
     scores = scores.merge(manifest[["case", "split"]], on="case")[COLUMNS]
-    prov = make_provenance("ssl_scores", settings, inputs=inputs, seed=conf.seed,
-                           model_id=model_id(model_dir), scorer=str(scores["scorer"].iloc[0]) if len(scores) else None,
-                           split_half=reliability or None)
+    prov = make_provenance(
+        "ssl_scores",
+        settings,
+        inputs=inputs,
+        seed=conf.seed,
+        model_id=model_id(model_dir),
+        scorer=str(scores["scorer"].iloc[0]) if len(scores) else None,
+        split_half=reliability or None,
+    )
     write_parquet(scores, out, prov)
 
 

@@ -150,8 +150,7 @@ _TASKS: dict[str, _TaskSpec] = {
     ),
     "pool": _TaskSpec(
         "pool",
-        "Unlabelled synthetic MRI-like pool (organ, paired-organ and vessel anatomy) for "
-        "self-supervised pre-training",
+        "Unlabelled synthetic MRI-like pool (organ, paired-organ and vessel anatomy) for self-supervised pre-training",
         "MRI",
         {"0": "background"},
         "mixed",
@@ -562,10 +561,9 @@ def _jsonable(obj: Any) -> Any:
 def _save_nifti_gz(img: nib.Nifti1Image, path: Path) -> None:
     """Write ``.nii.gz`` atomically with a fixed gzip header (mtime 0, no file name): byte-reproducible."""
     raw = img.to_bytes()
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            with gzip.GzipFile(filename="", mode="wb", fileobj=fh, compresslevel=_GZIP_LEVEL, mtime=0) as gz:
-                gz.write(raw)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        with gzip.GzipFile(filename="", mode="wb", fileobj=fh, compresslevel=_GZIP_LEVEL, mtime=0) as gz:
+            gz.write(raw)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from stages.core.io import (
     write_parquet,
 )
 from stages.core.log import stage_log
+from stages.core.lora import add_lora, count_trainable, lora_param_groups, lora_targets, save_adapter, teacher_svd_init
 from stages.core.losses import (
     kd_loss,
     kd_weights,
@@ -55,7 +56,6 @@ from stages.core.losses import (
     segmentation_loss,
     term_gradient_norms,
 )
-from stages.core.lora import add_lora, count_trainable, lora_param_groups, lora_targets, save_adapter, teacher_svd_init
 from stages.core.nets import FoundationNet, load_model, model_id, save_model, seed_from
 from stages.core.regularisers import ewc_penalty, lwf_loss
 from stages.core.sampling import CaseStore, PatchSampler
@@ -91,7 +91,9 @@ class TrainJobSettings:
     No field has a default: the pipeline passes every one from the config, whose schema holds the defaults.
     """
 
-    patch_size: list[int] = setting(help="training patch (voxels); also the validation window", schema="train.patch_size")
+    patch_size: list[int] = setting(
+        help="training patch (voxels); also the validation window", schema="train.patch_size"
+    )
     batch_size: int = setting(help="patches per step", schema="train.batch_size")
     steps: int = setting(help="optimiser updates", schema="train.steps")
     lr: float = setting(help="peak AdamW learning rate", schema="train.lr")
@@ -99,8 +101,9 @@ class TrainJobSettings:
     warmup_steps: int = setting(help="linear warm-up updates before the cosine decay", schema="train.warmup_steps")
     fg_ratio: float = setting(help="share of patches centred on a foreground voxel", schema="train.fg_ratio")
     checkpoint_every: int = setting(help="updates between resumable checkpoints", schema="train.checkpoint_every")
-    val_every: int = setting(help="updates between validation Dice scores (0 = keep the final model)",
-                             schema="train.val_every")
+    val_every: int = setting(
+        help="updates between validation Dice scores (0 = keep the final model)", schema="train.val_every"
+    )
     amp: bool = setting(help="mixed precision on CUDA", schema="train.amp")
     overlap: float = setting(help="sliding-window overlap of the validation", schema="inference.overlap")
     seed: int = setting(help="seeds the head initialisation, the sampling and the buffer draws", schema="seed")
@@ -114,11 +117,14 @@ class LoraSettings:
     rank: int = setting(help="LoRA rank r", schema="medseqft.lora.rank")
     alpha: float = setting(help="LoRA alpha (update scaled by alpha / r)", schema="medseqft.lora.alpha")
     dropout: float = setting(help="LoRA dropout", schema="medseqft.lora.dropout")
-    targets: list[str] | None = setting(help="regular expressions of module names to adapt; None = the defaults",
-                                        schema="medseqft.lora.targets")
+    targets: list[str] | None = setting(
+        help="regular expressions of module names to adapt; None = the defaults", schema="medseqft.lora.targets"
+    )
     lr: float | None = setting(help="peak learning rate of the LoRA factors; None = 10 x lr", schema="medseqft.lora.lr")
     init: str = setting(help="zero or teacher_svd", schema="medseqft.lora.init")
-    train_norms: bool = setting(help="also train the norm layers' affine parameters", schema="medseqft.lora.train_norms")
+    train_norms: bool = setting(
+        help="also train the norm layers' affine parameters", schema="medseqft.lora.train_norms"
+    )
     train_biases: bool = setting(help="also train every bias", schema="medseqft.lora.train_biases")
     enabled: bool = setting(help="LoRA on (false: every weight trains, the no-LoRA ablation)")
 
@@ -137,19 +143,27 @@ class RetentionSettings(TrainJobSettings):
     kd_weight: float = setting(help="lambda_k (0 without a teacher)", schema="medseqft.kd_weight")
     kd_mask: str = setting(help="none or foreground", schema="medseqft.kd_mask")
     kd_dilation: int = setting(help="dilation (voxels) of the teacher's foreground", schema="medseqft.kd_dilation")
-    kd_background_share: float = setting(help="share of the KD weight on the background",
-                                         schema="medseqft.kd_background_share")
+    kd_background_share: float = setting(
+        help="share of the KD weight on the background", schema="medseqft.kd_background_share"
+    )
     retention_weight: float = setting(help="lambda_g (0 without buffers)", schema="medseqft.retention_weight")
     retention_levels: str = setting(help="all or deepest", schema="medseqft.retention_levels")
     retention_scale: str = setting(help="channel or none", schema="medseqft.retention_scale")
-    lwf_weight: float = setting(help="lambda_o, output-level retention (0 without buffers)", schema="medseqft.lwf_weight")
-    grad_log_every: int = setting(help="steps between per-term gradient norms in the log (0 = never)",
-                                  schema="medseqft.grad_log_every")
+    lwf_weight: float = setting(
+        help="lambda_o, output-level retention (0 without buffers)", schema="medseqft.lwf_weight"
+    )
+    grad_log_every: int = setting(
+        help="steps between per-term gradient norms in the log (0 = never)", schema="medseqft.grad_log_every"
+    )
     buffer_batch_size: int = setting(help="buffer patches per step", schema="medseqft.buffer_batch_size")
 
     def __post_init__(self) -> None:
-        checks = [("kd_kind", ("kl", "mse")), ("kd_mask", ("none", "foreground")),
-                  ("retention_levels", ("all", "deepest")), ("retention_scale", ("channel", "none"))]
+        checks = [
+            ("kd_kind", ("kl", "mse")),
+            ("kd_mask", ("none", "foreground")),
+            ("retention_levels", ("all", "deepest")),
+            ("retention_scale", ("channel", "none")),
+        ]
         for key, allowed in checks:
             if getattr(self, key) not in allowed:
                 raise InputError(f"medseqft.{key}", f"must be one of {list(allowed)}, got {getattr(self, key)!r}")
@@ -177,8 +191,9 @@ class EwcSettings(TrainJobSettings):
     """Sequential full FT with online EWC: the ``ewc`` section (``lambda`` is a Python keyword, so it stays a mapping)."""
 
     ewc: dict[str, Any] = setting(help="lambda (penalty weight), gamma (Fisher decay), fisher_batches", schema="ewc")
-    grad_log_every: int = setting(help="steps between per-term gradient norms in the log (0 = never)",
-                                  schema="medseqft.grad_log_every")
+    grad_log_every: int = setting(
+        help="steps between per-term gradient norms in the log (0 = never)", schema="medseqft.grad_log_every"
+    )
 
     def __post_init__(self) -> None:
         _check_section("ewc", self.ewc, ("lambda", "gamma", "fisher_batches"))
@@ -188,9 +203,12 @@ class EwcSettings(TrainJobSettings):
 class LwfSettings(TrainJobSettings):
     """Sequential full FT with Learning without Forgetting: the ``lwf`` section."""
 
-    lwf: dict[str, Any] = setting(help="weight (lambda_o) and temperature of the KL to M_{t-1}'s old heads", schema="lwf")
-    grad_log_every: int = setting(help="steps between per-term gradient norms in the log (0 = never)",
-                                  schema="medseqft.grad_log_every")
+    lwf: dict[str, Any] = setting(
+        help="weight (lambda_o) and temperature of the KL to M_{t-1}'s old heads", schema="lwf"
+    )
+    grad_log_every: int = setting(
+        help="steps between per-term gradient norms in the log (0 = never)", schema="medseqft.grad_log_every"
+    )
 
     def __post_init__(self) -> None:
         _check_section("lwf", self.lwf, ("weight", "temperature"))
@@ -243,7 +261,9 @@ def _cases(manifest: Any, split: str) -> list[str]:
     return manifest.loc[manifest["split"] == split, "case"].tolist()
 
 
-def _sampler(data: Path, cases: list[str], s: TrainJobSettings, with_labels: bool = True, batch: int | None = None) -> PatchSampler:
+def _sampler(
+    data: Path, cases: list[str], s: TrainJobSettings, with_labels: bool = True, batch: int | None = None
+) -> PatchSampler:
     if not cases:
         raise InputError(data / "manifest.parquet", "has no training cases")
     return PatchSampler(
@@ -254,7 +274,9 @@ def _sampler(data: Path, cases: list[str], s: TrainJobSettings, with_labels: boo
     )
 
 
-def _dice_validator(net: torch.nn.Module, task: str, data: Path, cases: Sequence[str], s: TrainJobSettings, device: torch.device) -> Callable[[torch.nn.Module], float]:
+def _dice_validator(
+    net: torch.nn.Module, task: str, data: Path, cases: Sequence[str], s: TrainJobSettings, device: torch.device
+) -> Callable[[torch.nn.Module], float]:
     """Mean foreground Dice over the validation cases on the preprocessed grid: the best-checkpoint criterion."""
     from monai.metrics import compute_dice
 
@@ -403,10 +425,7 @@ def recipe_retention(job: Job) -> Plan:
     # place, so the adapter switched off would not be M_{t-1} any more
     frozen = copy.deepcopy(model).eval().requires_grad_(False) if (ret_weight > 0 or lwf_weight > 0) else None
     sampler = _sampler(job.data[0], _cases(job.manifests[0], "train"), s)
-    buffer_samplers = [
-        _sampler(d, cases, s, with_labels=False, batch=s.buffer_batch_size)
-        for d, cases in job.buffers
-    ]
+    buffer_samplers = [_sampler(d, cases, s, with_labels=False, batch=s.buffer_batch_size) for d, cases in job.buffers]
     loss_fn = segmentation_loss()
     lr = float(s.lr)
     lora_lr = float(lora.lr) if lora.lr is not None else 10.0 * lr
@@ -414,16 +433,28 @@ def recipe_retention(job: Job) -> Plan:
     if use_lora:
         start = copy.deepcopy(model) if (lora.init == "teacher_svd" and job.teacher is not None) else None
         patterns = lora.targets
-        net = add_lora(model, rank=lora.rank, alpha=lora.alpha,
-                       targets=lora_targets(model, include=patterns) if patterns else None,
-                       dropout=lora.dropout, train_heads=[task], seed=s.seed,
-                       train_norms=lora.train_norms, train_biases=lora.train_biases)
+        net = add_lora(
+            model,
+            rank=lora.rank,
+            alpha=lora.alpha,
+            targets=lora_targets(model, include=patterns) if patterns else None,
+            dropout=lora.dropout,
+            train_heads=[task],
+            seed=s.seed,
+            train_norms=lora.train_norms,
+            train_biases=lora.train_biases,
+        )
         if start is not None:
             errors = teacher_svd_init(net, start, job.teacher)
             del start
-            log.info("LoRA pairs start from the rank-%d SVD of the teacher's change (relative error: median %.3f, "
-                     "max %.3f over %d layers)", lora.rank, float(np.median(list(errors.values()))),
-                     max(errors.values()), len(errors))
+            log.info(
+                "LoRA pairs start from the rank-%d SVD of the teacher's change (relative error: median %.3f, "
+                "max %.3f over %d layers)",
+                lora.rank,
+                float(np.median(list(errors.values()))),
+                max(errors.values()),
+                len(errors),
+            )
             _copy_trained_extras(net, job.teacher)
         elif lora.init == "teacher_svd":
             log.info("lora.init teacher_svd without a teacher (parallel LoRA): LoRA starts at zero")
@@ -436,9 +467,17 @@ def recipe_retention(job: Job) -> Plan:
     net.to(job.device)
     if frozen is not None:
         frozen.to(job.device)
-    trainable, total = count_trainable(net) if use_lora else (sum(p.numel() for p in flat), sum(p.numel() for p in net.parameters()))
-    log.info("retention stage: %d of %d parameters trainable (LoRA %s, LoRA lr %.2g, other lr %.2g)", trainable, total,
-             "on" if use_lora else "off", lora_lr if use_lora else lr, lr)
+    trainable, total = (
+        count_trainable(net) if use_lora else (sum(p.numel() for p in flat), sum(p.numel() for p in net.parameters()))
+    )
+    log.info(
+        "retention stage: %d of %d parameters trainable (LoRA %s, LoRA lr %.2g, other lr %.2g)",
+        trainable,
+        total,
+        "on" if use_lora else "off",
+        lora_lr if use_lora else lr,
+        lr,
+    )
     levels = retention_levels(model) if s.retention_levels == "all" else []
     student_tap = _FeatureTap(net, levels)
     frozen_tap = _FeatureTap(frozen, levels) if frozen is not None else None
@@ -462,8 +501,11 @@ def recipe_retention(job: Job) -> Plan:
         if kd_weight > 0:
             with torch.no_grad():
                 teacher_logits = job.teacher.segment(x, task)
-            mask = (kd_weights(teacher_logits, s.kd_dilation, float(s.kd_background_share))
-                    if s.kd_mask == "foreground" else None)
+            mask = (
+                kd_weights(teacher_logits, s.kd_dilation, float(s.kd_background_share))
+                if s.kd_mask == "foreground"
+                else None
+            )
             kd = kd_loss(logits, teacher_logits, kind=s.kd_kind, temperature=s.kd_temperature, mask=mask)
             weighted["kd"] = kd_weight * kd
             terms["kd"] = kd.detach()
@@ -492,8 +534,9 @@ def recipe_retention(job: Job) -> Plan:
                 head = old_heads[k]
                 if head is not None:
                     old = frozen.seg_heads[head]
-                    lwf = kd_loss(n.seg_heads[head](student_dec), old(frozen_dec), kind="kl",
-                                  temperature=s.kd_temperature)
+                    lwf = kd_loss(
+                        n.seg_heads[head](student_dec), old(frozen_dec), kind="kl", temperature=s.kd_temperature
+                    )
                 else:  # a buffer of the current task: M_{t-1} has no head for it
                     lwf = student_dec.sum() * 0.0
                 weighted["lwf"] = lwf_weight * lwf
@@ -508,9 +551,16 @@ def recipe_retention(job: Job) -> Plan:
     def save(out: Path, prov: dict[str, Any]) -> None:
         if use_lora:
             save_adapter(net, out, prov)
-            save_json({"task": task, "num_classes": int(model.seg_heads[task].out_channels),
-                       "trainable_parameters": trainable, "total_parameters": total, "provenance": prov},
-                      out / "run.json")
+            save_json(
+                {
+                    "task": task,
+                    "num_classes": int(model.seg_heads[task].out_channels),
+                    "trainable_parameters": trainable,
+                    "total_parameters": total,
+                    "provenance": prov,
+                },
+                out / "run.json",
+            )
         else:
             save_model(model.cpu(), out, prov)
 
@@ -569,9 +619,12 @@ def recipe_semisupervised(job: Job) -> Plan:
     return Plan(model, params, step_fn, _maybe_validator(model, job), _save_model(model))
 
 
-def _regularised_finetune(job: Job, extra_params: list[torch.nn.Parameter],
-                          regulariser: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]],
-                          grad_every: int) -> Plan:
+def _regularised_finetune(
+    job: Job,
+    extra_params: list[torch.nn.Parameter],
+    regulariser: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]],
+    grad_every: int,
+) -> Plan:
     """Full fine-tuning on one task plus weighted regulariser terms, each logged with its gradient norm."""
     model, task, s = job.model, job.tasks[0], job.settings
     sampler = _sampler(job.data[0], _cases(job.manifests[0], "train"), s)
@@ -636,8 +689,7 @@ def recipe_lwf(job: Job) -> Plan:
             return {}
         with torch.no_grad():
             _, old_decoded = frozen.forward_features(x)
-        terms = [lwf_loss(net.seg_heads[h](decoded), frozen.seg_heads[h](old_decoded), temperature)
-                 for h in old_heads]
+        terms = [lwf_loss(net.seg_heads[h](decoded), frozen.seg_heads[h](old_decoded), temperature) for h in old_heads]
         return {"lwf": weight * torch.stack(terms).mean()}
 
     extra = _head_params(model, old_heads) if frozen is not None else []
@@ -734,8 +786,19 @@ def run(
             raise InputError(fisher_file, "missing: run stages.fisher on the previous step's model first")
         fisher_tensors = load_safetensors(fisher_file)
     model.to(device)
-    job = Job(model, list(tasks), [Path(d) for d in data], [m for m, _ in loaded], conf, device,
-              teacher_model, buffer_cases, pseudo_job, buffer_tasks, fisher_tensors)
+    job = Job(
+        model,
+        list(tasks),
+        [Path(d) for d in data],
+        [m for m, _ in loaded],
+        conf,
+        device,
+        teacher_model,
+        buffer_cases,
+        pseudo_job,
+        buffer_tasks,
+        fisher_tensors,
+    )
 
     input_files = [init / "model.safetensors"] + [Path(d) / "manifest.parquet" for d in data]
     input_files += [teacher / "model.safetensors"] if teacher is not None else []
@@ -769,7 +832,13 @@ def run(
     result = trainer.fit()
     plan.net.load_state_dict(result.best_state)
     prov = make_provenance(
-        "train", dict(settings), inputs=inputs, seed=seed, recipe=recipe, tasks=list(tasks), init_model=model_id(init),
+        "train",
+        dict(settings),
+        inputs=inputs,
+        seed=seed,
+        recipe=recipe,
+        tasks=list(tasks),
+        init_model=model_id(init),
         best_step=result.best_step,
     )
     plan.save(out, prov)
@@ -801,8 +870,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     apply_threads(args.threads)
     with stage_log(parser, args):
-        run(args.recipe, args.init, args.data, args.task, args.out, args.work, args.settings, args.teacher, args.buffer,
-            args.pseudo, args.fisher)
+        run(
+            args.recipe,
+            args.init,
+            args.data,
+            args.task,
+            args.out,
+            args.work,
+            args.settings,
+            args.teacher,
+            args.buffer,
+            args.pseudo,
+            args.fisher,
+        )
 
 
 if __name__ == "__main__":

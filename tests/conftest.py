@@ -1,4 +1,10 @@
-"""Shared test fixtures: paths of the repository and of ../shared, and one tiny run of the demo DAG."""
+"""Shared test fixtures: paths of the repository and of ../shared, and one tiny run of the demo DAG.
+
+Layout: ``tests/unit/`` tests a function or one stage in-process (seconds each); ``tests/integration/``
+runs Snakemake, the installers, containers, Slurm or the quality gate (minutes). ``pytest`` runs both;
+``pytest tests/unit`` is the quick loop. Case builders live beside the unit tests that own them
+(``test_preprocess.make_dataset``, ``test_msd.make_case``); integration tests import them from there.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 SNAKEFILE = REPO / "workflow" / "Snakefile"
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
+# the unit tests' case builders, importable by name from both folders
+sys.path.insert(0, str(REPO / "tests" / "unit"))
 
 
 @pytest.fixture

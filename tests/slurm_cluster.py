@@ -113,8 +113,7 @@ def _which(name: str) -> str | None:
 def _run(cmd: list[str], timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run a command; stdout/stderr are captured so a daemon that forks cannot hold our pipes open."""
     exe = _which(cmd[0]) or cmd[0]
-    proc = subprocess.run([exe, *cmd[1:]], capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+    proc = subprocess.run([exe, *cmd[1:]], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     if check and proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -140,12 +139,15 @@ def ensure_slurm_installed(timeout: float = 600) -> None:
     attempt = ""
     # Try without `update` first: with fresh package lists that needs no index download; `update` is
     # for images that ship without lists or with stale ones.
-    for cmds in ([["apt-get", "install", "-y", "-q", *PACKAGES]],
-                 [["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", *PACKAGES]]):
+    for cmds in (
+        [["apt-get", "install", "-y", "-q", *PACKAGES]],
+        [["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", *PACKAGES]],
+    ):
         attempt = ""
         for cmd in cmds:
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout,
-                                  stdin=subprocess.DEVNULL)
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, env=env, timeout=timeout, stdin=subprocess.DEVNULL
+            )
             attempt += f"$ {' '.join(cmd)}\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}\n"
             if proc.returncode != 0:
                 break
@@ -155,8 +157,9 @@ def ensure_slurm_installed(timeout: float = 600) -> None:
     if OFFLINE_PATTERNS.search(attempt):
         raise SlurmUnavailable(f"apt-get could not install {' '.join(PACKAGES)} (offline?):\n{attempt[-1500:]}")
     missing = [b for b in BINARIES if not _which(b)]
-    raise RuntimeError(f"apt-get could not install {' '.join(PACKAGES)} (missing: {' '.join(missing)}):\n"
-                       f"{attempt[-4000:]}")
+    raise RuntimeError(
+        f"apt-get could not install {' '.join(PACKAGES)} (missing: {' '.join(missing)}):\n{attempt[-4000:]}"
+    )
 
 
 def _node_hardware() -> tuple[str, str, int]:
@@ -167,8 +170,11 @@ def _node_hardware() -> tuple[str, str, int]:
     """
     out = _run(["slurmd", "-C"]).stdout
     fields = dict(re.findall(r"(\w+)=(\S+)", out.splitlines()[0]))
-    hardware = " ".join(f"{k}={fields[k]}" for k in
-                        ("CPUs", "Boards", "SocketsPerBoard", "CoresPerSocket", "ThreadsPerCore") if k in fields)
+    hardware = " ".join(
+        f"{k}={fields[k]}"
+        for k in ("CPUs", "Boards", "SocketsPerBoard", "CoresPerSocket", "ThreadsPerCore")
+        if k in fields
+    )
     return fields["NodeName"], hardware, max(int(fields["RealMemory"]) - 1024, 1024)
 
 
@@ -314,7 +320,8 @@ def single_node_slurm(state_dir: Path, timeout: float = 60) -> Iterator[SlurmClu
     cluster = SlurmCluster(state_dir=state_dir, node=node, partition=PARTITION, cpus=cpus, memory_mb=memory_mb)
     files = {
         SLURM_CONF: SLURM_CONF_TEMPLATE.format(
-            node=node, state=state_dir, hardware=hardware, memory_mb=memory_mb, partition=PARTITION),
+            node=node, state=state_dir, hardware=hardware, memory_mb=memory_mb, partition=PARTITION
+        ),
         SLURM_CONF.with_name("gres.conf"): f"NodeName={node} Name=gpu File=/dev/null\n",
     }
     started: list[int] = []  # stopped in reverse order: slurmd, slurmctld, munged

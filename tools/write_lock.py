@@ -3,7 +3,7 @@
 The closure of ``pyproject.toml``'s ``[project].dependencies`` and of every optional extra, as
 installed in the running environment, one ``name==version`` a line. The README's commands, CI
 (``.ci/run``), the conda environment (``envs/segadapt.yaml``) and both container images install with
-``-c requirements.lock``, so every place runs the same versions; ``tests/test_dependencies.py``
+``-c requirements.lock``, so every place runs the same versions; ``tests/integration/test_dependencies.py``
 checks that they agree.
 
     python tools/write_lock.py           # rewrite requirements.lock from this environment
@@ -27,7 +27,7 @@ HEADER = """\
 # Exact versions of segadapt's dependencies: the closure of pyproject.toml's dependencies and of
 # every extra, as installed in the environment the test suite passed in. Written by
 # `python tools/write_lock.py`; installed with `pip install -c requirements.lock ...` by the
-# README's commands, .ci/run, envs/segadapt.yaml and containers/ (tests/test_dependencies.py checks
+# README's commands, .ci/run, envs/segadapt.yaml and containers/ (tests/integration/test_dependencies.py checks
 # that they agree). torch's build (+cpu / CUDA) is chosen per machine or image, not locked.
 """
 

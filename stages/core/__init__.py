@@ -18,7 +18,6 @@ import sys
 from types import ModuleType
 from typing import Any
 
-
 _HIDDEN = ("transformers", "matplotlib.pyplot")
 
 

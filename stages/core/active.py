@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from scipy.special import entr
 
 from stages.core.errors import InputError
-from stages.core.io import atomic_path, build_folder  # noqa: F401  (build_folder: used by the ASSFT stages)
+from stages.core.io import atomic_path, build_folder
 
 __all__ = [
     "IMAGE_LINK_MODES",
@@ -262,9 +261,7 @@ def dkd_terms(
     return {"k_rank": k_rank, "d": d, "d_rank": d_rank, "dkd": dkd, "score": dkd, "tiebreak": tiebreak}
 
 
-def coreset_step(
-    features: np.ndarray, labelled: np.ndarray, metric: str = "euclidean"
-) -> StepScores:
+def coreset_step(features: np.ndarray, labelled: np.ndarray, metric: str = "euclidean") -> StepScores:
     """k-centre greedy of core-set (Sener & Savarese, "Active Learning for Convolutional Neural Networks:
     A Core-Set Approach", ICLR 2018): pick the candidate farthest from its nearest labelled-or-picked case.
 

@@ -52,7 +52,7 @@ def _imports(name: str, path: Path) -> set[str]:
     return {m for m in found | parents if m.split(".")[0] == PACKAGE}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def module_closure(step: str) -> tuple[str, ...]:
     """Names of the ``stages`` modules that ``stages.<step>`` runs, itself included, sorted."""
     start = step if step.startswith(f"{PACKAGE}.") else f"{PACKAGE}.{step}"

@@ -55,7 +55,7 @@ def _refuse_moved_keys(config: Mapping[str, Any], source: str) -> None:
 
 
 def _key(path: Any) -> str:
-    parts = []
+    parts: list[str] = []
     for p in path:
         parts.append(f"[{p}]" if isinstance(p, int) else (f".{p}" if parts else str(p)))
     return "".join(parts) or "(top level)"
@@ -94,7 +94,9 @@ def validate_config(
     names = [t["name"] for t in config["tasks"]]
     for i, name in enumerate(names):
         if name in RESERVED_TASK_NAMES:
-            raise InputError(f"{source}: tasks[{i}].name", f"{name!r} is reserved (the multi-task step's name); rename the task")
+            raise InputError(
+                f"{source}: tasks[{i}].name", f"{name!r} is reserved (the multi-task step's name); rename the task"
+            )
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise InputError(f"{source}: tasks", f"duplicate task names {dupes}")
@@ -122,7 +124,9 @@ def validate_config(
                 continue
             p = Path(path).resolve()
             if not (p / "dataset.json").is_file() and not (p / "imagesTr").is_dir():
-                raise InputError(f"{source}: {key}", f"{path!r} is not an MSD dataset folder (no dataset.json, no imagesTr/)")
+                raise InputError(
+                    f"{source}: {key}", f"{path!r} is not an MSD dataset folder (no dataset.json, no imagesTr/)"
+                )
         for i, task in enumerate(config["tasks"]):
             _check_task_dataset(config, i, task, source)
         ckpt = config["foundation"]["checkpoint"]
@@ -211,16 +215,19 @@ def _check_task_dataset(config: Mapping[str, Any], index: int, task: Mapping[str
             if unknown:
                 declared = {k: v for k, v in sorted(dataset.labels.items()) if k != 0}
                 raise InputError(
-                    f"{key}.labels", f"label values {unknown} are not declared by {task['dataset']}/dataset.json "
-                    f"(its labels: {declared})")
+                    f"{key}.labels",
+                    f"label values {unknown} are not declared by {task['dataset']}/dataset.json "
+                    f"(its labels: {declared})",
+                )
         n, origin = len(dataset.cases), task["dataset"]
     n, origin = _without_pool_holdout(config, task["dataset"], n, origin)
-    n_train, n_val, n_test = split_counts(n, split["val"], split["test"])
+    _n_train, _n_val, n_test = split_counts(n, split["val"], split["test"])
     if n_test == 0:
         raise InputError(
             f"{source}: preprocess.split.test",
             f"task {task['name']!r} has {n} cases ({origin}): a test fraction of {split['test']} leaves it no "
-            f"test case, so it could not be evaluated; raise preprocess.split.test or add cases")
+            f"test case, so it could not be evaluated; raise preprocess.split.test or add cases",
+        )
 
 
 def _without_pool_holdout(config: Mapping[str, Any], dataset: str, n: int, origin: str) -> tuple[int, str]:

@@ -169,8 +169,11 @@ def container_options(
             raise InputError("--gpus", "an empty list of GPU ids")
         from docker.types import DeviceRequest
 
-        request = (DeviceRequest(count=-1, capabilities=[["gpu"]]) if ids is None
-                   else DeviceRequest(device_ids=ids, capabilities=[["gpu"]]))
+        request = (
+            DeviceRequest(count=-1, capabilities=[["gpu"]])
+            if ids is None
+            else DeviceRequest(device_ids=ids, capabilities=[["gpu"]])
+        )
         options["device_requests"] = [request]
     return options
 
@@ -186,12 +189,18 @@ def resolve_user(user: tuple[int, int] | None = None) -> tuple[int, int]:
     """
     if user is None:
         return FALLBACK_USER if os.getuid() == 0 else (os.getuid(), os.getgid())
-    if not (isinstance(user, tuple) and len(user) == 2
-            and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in user)):
+    if not (
+        isinstance(user, tuple)
+        and len(user) == 2
+        and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in user)
+    ):
         raise InputError("--user", f"uid and gid must be non-negative integers, got {user!r}")
     if user[0] == 0:
-        raise InputError("--user", "a step never runs as uid 0 (root); leave --user out to run as the caller, "
-                                   f"or as {FALLBACK_USER[0]}:{FALLBACK_USER[1]} when the caller is root")
+        raise InputError(
+            "--user",
+            "a step never runs as uid 0 (root); leave --user out to run as the caller, "
+            f"or as {FALLBACK_USER[0]}:{FALLBACK_USER[1]} when the caller is root",
+        )
     return user
 
 
@@ -270,8 +279,8 @@ class _Handover:
         fd, _ = tempfile.mkstemp(prefix="parents-", suffix=".json", dir=self.state)  # unique: pids are reused
         with os.fdopen(fd, "w") as fh:
             fh.write(json.dumps(parents))
-        for parent in parents:
-            os.lchown(parent, *self.run_as)
+        for held in parents:
+            os.lchown(held, *self.run_as)
         for location in self.locations:
             for entry in _entries(location):
                 info = entry.lstat()
@@ -393,13 +402,15 @@ def run_in_docker(
             raise InputError("DOCKER_HOST", f"cannot reach a Docker daemon at {where}: {exc}") from exc
     scratch = _scratch_folder(run_as)
     try:
-        options = container_options(image, argv, workdir, run_as, gpus, environment, mounts=mounts, network=network,
-                                    tmpdir=scratch)
+        options = container_options(
+            image, argv, workdir, run_as, gpus, environment, mounts=mounts, network=network, tmpdir=scratch
+        )
         handover: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         if user is None and os.getuid() == 0:
             folder = options["working_dir"]
-            writable = [Path(path) for path, bind in options["volumes"].items() if bind["mode"] == "rw"
-                        and path != scratch]
+            writable = [
+                Path(path) for path, bind in options["volumes"].items() if bind["mode"] == "rw" and path != scratch
+            ]
             roots = [Path(folder)] + [p for p in writable if str(p) != folder]
             handover = _Handover(folder, output_locations(argv, folder) + roots[1:], roots, run_as)
         with handover:
@@ -408,8 +419,14 @@ def run_in_docker(
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _run_container(client: Any, options: Mapping[str, Any], image: str, argv: Sequence[str],
-                   stdout: BinaryIO | None, stderr: BinaryIO | None) -> int:
+def _run_container(
+    client: Any,
+    options: Mapping[str, Any],
+    image: str,
+    argv: Sequence[str],
+    stdout: BinaryIO | None,
+    stderr: BinaryIO | None,
+) -> int:
     """Create, attach, start and wait for the container; always remove it."""
     from docker.errors import APIError, ImageNotFound
 
@@ -445,8 +462,8 @@ def _run_container(client: Any, options: Mapping[str, Any], image: str, argv: Se
         _stream(chunks, out, err)
         return int(container.wait()["StatusCode"])
     finally:
-        for signum, previous in forwarded.items():
-            signal.signal(signum, previous)
+        for number, previous in forwarded.items():
+            signal.signal(number, previous)
         try:
             container.remove(force=True)
         except APIError:
@@ -525,15 +542,34 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--image", required=True, help="image to run (never pulled)")
     parser.add_argument("--workdir", default=os.getcwd(), help="folder mounted at the same path (default: .)")
-    parser.add_argument("--user", type=parse_user, default=None,
-                        help="UID:GID to run as, never uid 0 (default: the caller's; 65534:65534 for root, which then "
-                             "hands the --out/--work paths over and back)")
-    parser.add_argument("--gpus", nargs="?", const="all", default=None,
-                        help="pass GPUs: all (the default with no value), none, or ids like 0,1")
-    parser.add_argument("--env", action="append", default=[], metavar="KEY[=VALUE]",
-                        help="set a variable in the container (KEY alone passes the host's value)")
-    parser.add_argument("--mount", action="append", default=[], metavar="PATH",
-                        help="also mount PATH at the same path, read-only (PATH:rw: writable), e.g. data outside the working folder")
+    parser.add_argument(
+        "--user",
+        type=parse_user,
+        default=None,
+        help="UID:GID to run as, never uid 0 (default: the caller's; 65534:65534 for root, which then "
+        "hands the --out/--work paths over and back)",
+    )
+    parser.add_argument(
+        "--gpus",
+        nargs="?",
+        const="all",
+        default=None,
+        help="pass GPUs: all (the default with no value), none, or ids like 0,1",
+    )
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY[=VALUE]",
+        help="set a variable in the container (KEY alone passes the host's value)",
+    )
+    parser.add_argument(
+        "--mount",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="also mount PATH at the same path, read-only (PATH:rw: writable), e.g. data outside the working folder",
+    )
     parser.add_argument("--network", default="none", help="Docker network mode (default: none)")
     if "--" not in args:
         if {"-h", "--help"} & set(args):
@@ -543,7 +579,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     opts = parser.parse_args(args[:split])
     code = run_in_docker(
         opts.image,
-        args[split + 1:],
+        args[split + 1 :],
         opts.workdir,
         user=opts.user,
         gpus=parse_gpus(opts.gpus),

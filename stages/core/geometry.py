@@ -519,6 +519,7 @@ def restore_prediction(probabilities: Any, geometry: Mapping[str, Any]) -> nib.N
         if best is None:
             best, labels = channel.copy(), np.zeros(target, dtype=np.uint8)
         else:
+            assert labels is not None
             better = channel > best
             best[better] = channel[better]
             labels[better] = c

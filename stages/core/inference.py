@@ -164,8 +164,14 @@ def mc_dropout_probabilities(
     try:
         x = torch.from_numpy(np.array(image, dtype=np.float32))[None].to(device)  # a copy: memmaps are read-only
         logits = sliding_window_inference(
-            x, roi_size=tuple(int(s) for s in patch_size), sw_batch_size=sw_batch_size, predictor=predictor,
-            overlap=overlap, mode="gaussian", padding_mode="constant", cval=0.0,
+            x,
+            roi_size=tuple(int(s) for s in patch_size),
+            sw_batch_size=sw_batch_size,
+            predictor=predictor,
+            overlap=overlap,
+            mode="gaussian",
+            padding_mode="constant",
+            cval=0.0,
         )
     finally:
         model.train(was_training)

@@ -193,9 +193,8 @@ def read_json(path: str | os.PathLike[str]) -> Any:
 
 def save_npy(array: np.ndarray, path: str | os.PathLike[str]) -> None:
     """Write an uncompressed ``.npy`` (memory-mappable) atomically."""
-    with atomic_path(path, suffix=".npy") as tmp:
-        with open(tmp, "wb") as fh:
-            np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
+    with atomic_path(path, suffix=".npy") as tmp, open(tmp, "wb") as fh:
+        np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
 
 
 def save_nifti(image: Any, path: str | os.PathLike[str]) -> None:

@@ -40,9 +40,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _SWIN_TARGET = re.compile(r"^backbone\.swinViT\.layers\d\.\d+\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.linear[12])$")
 
 
-def lora_targets(
-    model: FoundationNet, include: Sequence[str] | None = None, exclude: Sequence[str] = ()
-) -> list[str]:
+def lora_targets(model: FoundationNet, include: Sequence[str] | None = None, exclude: Sequence[str] = ()) -> list[str]:
     """Full names of the modules that get LoRA adapters, sorted.
 
     Default rule: SwinUNETR, the ``nn.Linear`` layers ``attn.qkv``, ``attn.proj``, ``mlp.linear1``,
@@ -177,7 +175,8 @@ def lora_param_groups(peft_model: nn.Module, lr: float, lora_lr: float) -> list[
         lr: learning rate of the fully trained parameters (``train.lr``).
         lora_lr: learning rate of ``lora_A`` / ``lora_B``.
     """
-    lora, rest = [], []
+    lora: list[torch.nn.Parameter] = []
+    rest: list[torch.nn.Parameter] = []
     for name, p in peft_model.named_parameters():
         if p.requires_grad:
             (lora if ".lora_A." in name or ".lora_B." in name else rest).append(p)

@@ -98,49 +98,89 @@ class Method:
 
 
 def _kgrft(name: str, help: str, buffer: Buffer | None = "mds", lora: bool = True) -> Method:
-    return Method(name, "sequential", "retention", help, teacher=True, buffer=buffer, lora=lora, kd=True,
-                  start="previous")
+    return Method(
+        name, "sequential", "retention", help, teacher=True, buffer=buffer, lora=lora, kd=True, start="previous"
+    )
 
 
 #: Every method, in the order the workflow lists (and evaluates) them.
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("sequential_ft", "sequential", "finetune", "naive sequential full fine-tuning, no retention",
-               start="previous"),
-        Method("sequential_ft_2x", "sequential", "finetune",
-               "naive sequential full FT for 2 x `train.steps`: compute-matched to K&G RFT",
-               start="previous", step_factor=2, default=False),
+        Method(
+            "sequential_ft",
+            "sequential",
+            "finetune",
+            "naive sequential full fine-tuning, no retention",
+            start="previous",
+        ),
+        Method(
+            "sequential_ft_2x",
+            "sequential",
+            "finetune",
+            "naive sequential full FT for 2 x `train.steps`: compute-matched to K&G RFT",
+            start="previous",
+            step_factor=2,
+            default=False,
+        ),
         _kgrft("medseqft", "MDS buffers + K&G RFT: teacher, LoRA retention with KD, merge (docs/methods.md §1)"),
         _kgrft("ablation_random_buffer", "MedSeqFT with a random buffer instead of MDS", buffer="random"),
         _kgrft("ablation_no_buffer", "MedSeqFT without buffer retention (lambda_g = 0)", buffer=None),
         _kgrft("ablation_no_lora", "MedSeqFT whose retention stage trains every weight (no LoRA)", lora=False),
-        Method("ewc", "sequential", "ewc",
-               "sequential full FT + online EWC: a Fisher-weighted pull to the previous model (Schwarz et al. 2018)",
-               start="previous", default=False),
-        Method("lwf", "sequential", "lwf",
-               "sequential full FT + LwF: KL to the previous model's earlier-task heads on the new task's data "
-               "(Li & Hoiem 2016)", start="previous", default=False),
+        Method(
+            "ewc",
+            "sequential",
+            "ewc",
+            "sequential full FT + online EWC: a Fisher-weighted pull to the previous model (Schwarz et al. 2018)",
+            start="previous",
+            default=False,
+        ),
+        Method(
+            "lwf",
+            "sequential",
+            "lwf",
+            "sequential full FT + LwF: KL to the previous model's earlier-task heads on the new task's data "
+            "(Li & Hoiem 2016)",
+            start="previous",
+            default=False,
+        ),
         Method("parallel_ft", "parallel", "finetune", "full fine-tuning of each task from M0"),
-        Method("parallel_ft_2x", "parallel", "finetune",
-               "parallel full FT for 2 x `train.steps`: compute-matched to K&G RFT", step_factor=2, default=False),
-        Method("parallel_lora", "parallel", "retention", "LoRA (plus the head) on each task from M0, merged",
-               lora=True),
+        Method(
+            "parallel_ft_2x",
+            "parallel",
+            "finetune",
+            "parallel full FT for 2 x `train.steps`: compute-matched to K&G RFT",
+            step_factor=2,
+            default=False,
+        ),
+        Method(
+            "parallel_lora", "parallel", "retention", "LoRA (plus the head) on each task from M0, merged", lora=True
+        ),
         Method("multitask_ft", "multitask", "multitask", "full fine-tuning on all tasks at once, one head each"),
-        Method("transfer_from_m0", "transfer", "finetune", "full FT of M0 on each unseen task",
-               toggle="transfer"),
-        Method("transfer_from_medseqft", "transfer", "finetune", "full FT of MedSeqFT's M_n on each unseen task",
-               start="medseqft_last", toggle="transfer"),
-        Method("assft", "active", "semisupervised",
-               "active query rounds on the target task, then selective semi-supervised FT (docs/methods.md §2)"),
+        Method("transfer_from_m0", "transfer", "finetune", "full FT of M0 on each unseen task", toggle="transfer"),
+        Method(
+            "transfer_from_medseqft",
+            "transfer",
+            "finetune",
+            "full FT of MedSeqFT's M_n on each unseen task",
+            start="medseqft_last",
+            toggle="transfer",
+        ),
+        Method(
+            "assft",
+            "active",
+            "semisupervised",
+            "active query rounds on the target task, then selective semi-supervised FT (docs/methods.md §2)",
+        ),
     )
 }
 
 
 def names(chain: Chain | None = None, methods: Sequence[str] | None = None) -> list[str]:
     """Method names in registry order: of one chain and/or among ``methods`` (None: every one)."""
-    return [m for m, row in METHODS.items()
-            if (chain is None or row.chain == chain) and (methods is None or m in methods)]
+    return [
+        m for m, row in METHODS.items() if (chain is None or row.chain == chain) and (methods is None or m in methods)
+    ]
 
 
 def configurable() -> list[str]:
@@ -157,8 +197,7 @@ def enabled_methods(config: Mapping[str, Any]) -> list[str]:
     switched = {m for m, s in config["methods"].items() if s["enabled"]}
     out = [m for m in configurable() if m in switched]
     if config["transfer"]["enabled"] and config["unseen"]:
-        out += [m for m in names("transfer")
-                if METHODS[m].start != "medseqft_last" or "medseqft" in switched]
+        out += [m for m in names("transfer") if METHODS[m].start != "medseqft_last" or "medseqft" in switched]
     return [m for m in METHODS if m in out]
 
 
@@ -220,9 +259,9 @@ def split_run(run: str, base_seed: int) -> tuple[str, int]:
     method, sep, level = run.partition("/")
     if not sep:
         return method, base_seed
-    if not level.startswith("seed") or not level[len("seed"):].isdigit():
+    if not level.startswith("seed") or not level[len("seed") :].isdigit():
         raise ValueError(f"not a run name: {run!r} (expected METHOD or METHOD/seed<N>)")
-    return method, int(level[len("seed"):])
+    return method, int(level[len("seed") :])
 
 
 def active_method(strategy: str) -> str:
@@ -245,6 +284,6 @@ def active_step(round_: int, kind: str = "l") -> str:
 def split_active_step(step: str) -> tuple[int, str] | None:
     """(round, kind) of an ASSFT step name (kind ``l`` for the round model); None if it is not one."""
     head, _, kind = step.partition("+")
-    if not head.startswith("round") or not head[len("round"):].isdigit():
+    if not head.startswith("round") or not head[len("round") :].isdigit():
         return None
-    return int(head[len("round"):]), kind or "l"
+    return int(head[len("round") :]), kind or "l"

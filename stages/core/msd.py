@@ -23,7 +23,7 @@ import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
@@ -127,10 +127,15 @@ def _case_id(path: Path) -> str | None:
     return None
 
 
+def _proxy(img: Any) -> Any:
+    """A NIfTI image's ``ArrayProxy`` (nibabel types ``dataobj`` as ArrayLike, without slope, inter, ...)."""
+    return img.dataobj
+
+
 def _header_summary(path: Path) -> str:
     """'; the file is 512x512x94 at 0.734x0.734x5 mm' from the header alone, to tell orphans apart."""
     try:
-        img = nib.load(path)
+        img: Any = nib.load(path)
         shape = "x".join(str(int(s)) for s in img.shape)
         zooms = "x".join(f"{float(z):.4g}" for z in img.header.get_zooms()[:3])
     except Exception:  # an unreadable orphan is still just an orphan; its content is not checked
@@ -310,9 +315,7 @@ def _read_bare_dataset(root: Path, labelled: bool, problems: list[tuple[str, str
     return cases
 
 
-def read_dataset(
-    root: Path, labelled: bool = True, declared_labels: Mapping[int, str] | None = None
-) -> Dataset:
+def read_dataset(root: Path, labelled: bool = True, declared_labels: Mapping[int, str] | None = None) -> Dataset:
     """Read a dataset folder into a :class:`Dataset` without opening its images.
 
     Args:
@@ -411,15 +414,17 @@ def _load_in_memory(
             if not nib.Nifti1Header.may_contain_header(raw[: nib.Nifti1Header.sizeof_hdr]):
                 return None
             img = nib.Nifti1Image.from_bytes(raw)
-            proxy = img.dataobj
+            proxy = _proxy(img)
         else:
-            img, spec = like, like.dataobj
+            img, spec = like, _proxy(like)
             proxy = type(spec)(
-                io.BytesIO(raw), (spec.shape, spec.dtype, spec.offset, spec.slope, spec.inter),
-                mmap=False, order=spec.order,
+                io.BytesIO(raw),
+                (spec.shape, spec.dtype, spec.offset, spec.slope, spec.inter),
+                mmap=False,
+                order=spec.order,
             )
         data = np.asanyarray(proxy) if scaled else np.asanyarray(proxy.get_unscaled())
-    except Exception:  # noqa: BLE001 - any problem is reported by the nibabel path instead
+    except Exception:
         return None
     return img, data
 
@@ -453,7 +458,7 @@ def load_nifti_3d(path: Path, scaled: bool = True, verify: bool = True) -> tuple
         if loaded is not None:
             img, data = loaded
         else:
-            img = nib.load(path)  # the header only: voxels are read on demand
+            img = cast(Any, nib.load(path))  # the header only: voxels are read on demand
             if not isinstance(img, nib.Nifti1Image):  # Nifti2Image subclasses Nifti1Image
                 raise InputError(path, f"not a NIfTI image ({type(img).__name__})")
             # one decompression both reads the voxels and checks the whole stream
@@ -461,7 +466,7 @@ def load_nifti_3d(path: Path, scaled: bool = True, verify: bool = True) -> tuple
             if loaded is not None:
                 data = loaded[1]
             else:
-                data = np.asanyarray(img.dataobj) if scaled else np.asanyarray(img.dataobj.get_unscaled())
+                data = np.asanyarray(img.dataobj) if scaled else np.asanyarray(_proxy(img).get_unscaled())
                 if verify and path.name.endswith(".gz"):
                     _verify_gzip(path)
     except InputError:
@@ -547,9 +552,7 @@ def _label_values_checked(
         fractional = data != np.round(data)
         if fractional.any():
             examples = np.unique(data[fractional])[:5].tolist()
-            raise InputError(
-                path, f"label values are not integers: {int(fractional.sum())} voxels, e.g. {examples}"
-            )
+            raise InputError(path, f"label values are not integers: {int(fractional.sum())} voxels, e.g. {examples}")
         if data.size and (data.min() < np.iinfo(np.int64).min or data.max() > np.iinfo(np.int64).max):
             raise InputError(path, "label values out of integer range")
         data = data.astype(np.int64)
@@ -561,9 +564,7 @@ def _label_values_checked(
         allowed_set = set(int(v) for v in allowed)
         extra = sorted(int(v) for v in values if int(v) not in allowed_set)
         if extra:
-            raise InputError(
-                path, f"label values {extra} are not in the declared label set {sorted(allowed_set)}"
-            )
+            raise InputError(path, f"label values {extra} are not in the declared label set {sorted(allowed_set)}")
     return data, values
 
 
@@ -585,10 +586,15 @@ def _image_problems(
         problems += _intensity_problems(where, img, data)
     spacing = np.sqrt((np.asarray(img.affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
     if np.all(np.isfinite(spacing)) and (spacing.min() < MIN_SPACING_MM or spacing.max() > MAX_SPACING_MM):
-        problems.append((where, f"implausible voxel spacing {mm_text(spacing)} mm in the header (expected "
-                                f"{MIN_SPACING_MM:g} to {MAX_SPACING_MM:g} mm per axis): check its affine / pixdim"))
+        problems.append(
+            (
+                where,
+                f"implausible voxel spacing {mm_text(spacing)} mm in the header (expected "
+                f"{MIN_SPACING_MM:g} to {MAX_SPACING_MM:g} mm per axis): check its affine / pixdim",
+            )
+        )
     # without scl_slope/scl_inter nibabel's scaled read returns the stored array itself
-    if img.dataobj.slope == 1 and img.dataobj.inter == 0:
+    if _proxy(img).slope == 1 and _proxy(img).inter == 0:
         _keep(keep, "image", data, budget)
     return img, tuple(int(s) for s in data.shape), problems
 
@@ -606,17 +612,25 @@ def mm_text(spacing: Any) -> str:
 def _intensity_problems(where: str, img: nib.Nifti1Image, data: np.ndarray) -> list[tuple[str, str]]:
     """Values preprocessing cannot use: beyond float32 once the header's scaling is applied, or constant."""
     low, high = float(np.min(data)), float(np.max(data))
-    slope, inter = img.dataobj.slope, img.dataobj.inter
+    slope, inter = _proxy(img).slope, _proxy(img).inter
     slope = 1.0 if slope is None or not np.isfinite(slope) else float(slope)
     inter = 0.0 if inter is None or not np.isfinite(inter) else float(inter)
     with np.errstate(over="ignore", invalid="ignore"):
         ends = np.array([low, high], dtype=np.float64) * slope + inter
     biggest = float(np.max(np.abs(ends)))
     if not np.isfinite(biggest) or biggest > _FLOAT32_MAX:
-        scaling = f" (stored {low:.4g} to {high:.4g}, scl_slope {slope:g}, scl_inter {inter:g})" if (
-            slope != 1.0 or inter != 0.0) else ""
-        return [(where, f"intensities reach {biggest:.4g}{scaling}, beyond float32's range "
-                        f"({_FLOAT32_MAX:.4g}): preprocessing would turn the volume into Inf/NaN")]
+        scaling = (
+            f" (stored {low:.4g} to {high:.4g}, scl_slope {slope:g}, scl_inter {inter:g})"
+            if (slope != 1.0 or inter != 0.0)
+            else ""
+        )
+        return [
+            (
+                where,
+                f"intensities reach {biggest:.4g}{scaling}, beyond float32's range "
+                f"({_FLOAT32_MAX:.4g}): preprocessing would turn the volume into Inf/NaN",
+            )
+        ]
     if low == high:
         return [(where, f"constant image (every voxel is {low * slope + inter:g}): nothing to segment or learn from")]
     return []
@@ -651,8 +665,11 @@ def _label_problems(
     elif img is not None and not np.allclose(lbl.affine, img.affine, rtol=0, atol=affine_atol):
         diff = float(np.max(np.abs(lbl.affine - img.affine)))
         problems.append(
-            (where, f"label affine differs from the image's ({case.image}) by up to {diff:.4g} mm "
-                    f"(tolerance {affine_atol:g})")
+            (
+                where,
+                f"label affine differs from the image's ({case.image}) by up to {diff:.4g} mm "
+                f"(tolerance {affine_atol:g})",
+            )
         )
     try:
         allowed = dataset.labels if dataset.labels_declared else None

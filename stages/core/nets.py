@@ -295,11 +295,19 @@ class FoundationNet(nn.Module):
                 raise ValueError(f"unet decoder_channels must be >= 1, got {decoder}")
             strides = tuple(int(s) for s in kwargs.pop("strides"))
             if len(channels) < 2 or len(strides) != len(channels) - 1:
-                raise ValueError(f"unet needs >= 2 channels and len(strides) = len(channels) - 1, got {channels}, {strides}")
+                raise ValueError(
+                    f"unet needs >= 2 channels and len(strides) = len(channels) - 1, got {channels}, {strides}"
+                )
             # The top level's up layer writes ``decoder_channels`` features (its last conv is linear, as in
             # MONAI's UNet); the task heads sit on them, so nothing of MONAI's network is replaced.
-            self.backbone = UNet(spatial_dims=3, in_channels=self.in_channels, out_channels=decoder,
-                                 channels=channels, strides=strides, **kwargs)
+            self.backbone = UNet(
+                spatial_dims=3,
+                in_channels=self.in_channels,
+                out_channels=decoder,
+                channels=channels,
+                strides=strides,
+                **kwargs,
+            )
             self.stride = math.prod(strides)
             self.feature_dim = int(channels[-1])
             self.decoder_dim = decoder
@@ -496,9 +504,7 @@ def read_model_json(folder: Path) -> dict[str, Any]:
     return meta
 
 
-def check_state_dict(
-    where: object, expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor]
-) -> None:
+def check_state_dict(where: object, expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor]) -> None:
     """Raise InputError naming ``where`` and listing missing / unexpected / mis-shaped keys, if any."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))

@@ -188,7 +188,7 @@ class PatchSampler:
         if fg_ratio > 0 and not store.with_labels:
             raise ValueError("the store has no labels: foreground oversampling needs fg_ratio=0")
         self.store = store
-        self.patch_size: tuple[int, int, int] = patch  # type: ignore[assignment]
+        self.patch_size: tuple[int, int, int] = patch
         self.batch_size = batch_size
         self.fg_ratio = float(fg_ratio)
         self.flips = flips
@@ -203,9 +203,7 @@ class PatchSampler:
             return tuple(int(c) - p // 2 for c, p in zip(centre, self.patch_size))
         return tuple(_randint(generator, min(0, s - p), max(0, s - p)) for s, p in zip(shape, self.patch_size))
 
-    def _crop_into(
-        self, case: str, lower: Sequence[int], img: np.ndarray, lab: np.ndarray | None
-    ) -> None:
+    def _crop_into(self, case: str, lower: Sequence[int], img: np.ndarray, lab: np.ndarray | None) -> None:
         """Copy the patch at ``lower`` into ``img`` (C, *patch) and ``lab`` (*patch), padding with zeros.
 
         The destinations are the batch's own slots (or flipped views of them), so each voxel is read

@@ -9,7 +9,7 @@ configs do) and, where the pipeline fills them from the config, the schema key t
 
 The schema (``workflow/schemas/config.schema.yaml``) is the one source of pipeline defaults: a
 field that the pipeline always passes has no default here, and a field that keeps one for direct
-callers must equal the schema's (``tests/test_settings.py`` compares every such pair).
+callers must equal the schema's (``tests/integration/test_settings.py`` compares every such pair).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import json
 import types
 import typing
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from stages.core.errors import InputError
 
@@ -42,8 +42,9 @@ class SettingsError(InputError):
     """A ``--settings`` object that does not fit its stage's contract."""
 
 
-def setting(default: Any = dataclasses.MISSING, *, help: str, schema: str | None = None,
-            factory: Any = dataclasses.MISSING) -> Any:
+def setting(
+    default: Any = dataclasses.MISSING, *, help: str, schema: str | None = None, factory: Any = dataclasses.MISSING
+) -> Any:
     """A dataclass field with its help text and, optionally, the schema key it comes from.
 
     Args:
@@ -69,7 +70,9 @@ def settings_json(text: str) -> dict[str, Any]:
     return value
 
 
-def add_settings_argument(parser: argparse.ArgumentParser, contract: type | None = None, required: bool = False) -> None:
+def add_settings_argument(
+    parser: argparse.ArgumentParser, contract: type | None = None, required: bool = False
+) -> None:
     """Add the one ``--settings JSON`` option (naming the stage's dataclass in its help)."""
     what = f"JSON object, the fields of {contract.__module__}.{contract.__qualname__}" if contract else "JSON object"
     kwargs: dict[str, Any] = {"required": True} if required else {"default": {}}
@@ -136,12 +139,13 @@ def from_mapping(cls: type[T], mapping: Any, stage: str, where: str = "--setting
     """
     if not isinstance(mapping, Mapping):
         raise SettingsError(where, f"{stage}: must be an object, got {mapping!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(cast(Any, cls)) if f.init}
     unknown = sorted(set(mapping) - set(fields))
     if unknown:
         raise SettingsError(where, f"{stage}: unknown {noun} {unknown}; known: {sorted(fields)}")
     missing = sorted(
-        name for name, f in fields.items()
+        name
+        for name, f in fields.items()
         if name not in mapping and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     )
     if missing:
@@ -177,8 +181,12 @@ def settings_help(cls: type) -> list[tuple[str, str, str]]:
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     """The ``--threads N`` option of a stage that computes with torch (the rule passes its ``threads``)."""
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (the rule's threads); default: torch's own choice")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (the rule's threads); default: torch's own choice",
+    )
 
 
 def apply_threads(threads: int | None) -> None:

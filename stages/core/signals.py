@@ -36,9 +36,7 @@ class StopSignal:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
         self.signum = signum
-        self.log.warning(
-            "%s: got %s, stopping after the current %s", self.what, signal.Signals(signum).name, self.unit
-        )
+        self.log.warning("%s: got %s, stopping after the current %s", self.what, signal.Signals(signum).name, self.unit)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:

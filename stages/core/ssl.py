@@ -10,9 +10,8 @@ Mahalanobis distance of the pooled encoder feature to M0's feature statistics in
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,7 +44,7 @@ def _patch3(patch_size: int | Sequence[int]) -> tuple[int, int, int]:
     p = (int(patch_size),) * 3 if isinstance(patch_size, (int, np.integer)) else tuple(int(s) for s in patch_size)
     if len(p) != 3 or min(p) < 1:
         raise ValueError(f"patch_size must be 3 positive ints, got {patch_size}")
-    return p  # type: ignore[return-value]
+    return p
 
 
 def _pad_to(volume: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -132,9 +131,7 @@ def make_views(
     noise = torch.randn((n, vol.shape[0], *p), generator=generator) if mask_fill == "noise" else None
 
     def crop_and_rotate(t: torch.Tensor) -> torch.Tensor:
-        crops = torch.stack(
-            [t[:, o[0] : o[0] + p[0], o[1] : o[1] + p[1], o[2] : o[2] + p[2]] for o in origin.tolist()]
-        )
+        crops = torch.stack([t[:, o[0] : o[0] + p[0], o[1] : o[1] + p[1], o[2] : o[2] + p[2]] for o in origin.tolist()])
         out = torch.empty_like(crops)
         for k in range(4):
             sel = rotation == k
@@ -374,9 +371,7 @@ def score_cases(
 
     rows = []
     for case_id, volume in tqdm(volumes, desc="ssl scoring", unit="case"):
-        losses = case_view_losses(
-            model, volume, R, patch_size, mask_ratio, mask_patch, seed, case_id, batch, mask_fill
-        )
+        losses = case_view_losses(model, volume, R, patch_size, mask_ratio, mask_patch, seed, case_id, batch, mask_fill)
         rows.append({"case": str(case_id), **pass_statistics(losses), "R": int(R), "scorer": "ssl"})
     table = pd.DataFrame(rows, columns=[c for c in SCORE_COLUMNS if c != "split_half_r"])
     reliability = split_half_reliability(table["half_a"].to_numpy(), table["half_b"].to_numpy())
@@ -535,12 +530,19 @@ def write_feature_stats(
 
     from stages.core.io import save_safetensors
 
-    feats = np.stack([pooled_case_feature(model, v, patch_size, device=device)
-                      for v in tqdm(list(volumes), desc="feature statistics", mininterval=2)])
+    feats = np.stack(
+        [
+            pooled_case_feature(model, v, patch_size, device=device)
+            for v in tqdm(list(volumes), desc="feature statistics", mininterval=2)
+        ]
+    )
     stats = feature_stats(feats)
     save_safetensors(
-        {"mean": torch.as_tensor(stats["mean"]), "cov": torch.as_tensor(stats["cov"]),
-         "count": torch.tensor([len(feats)])},
+        {
+            "mean": torch.as_tensor(stats["mean"]),
+            "cov": torch.as_tensor(stats["cov"]),
+            "count": torch.tensor([len(feats)]),
+        },
         out,
         provenance,
     )

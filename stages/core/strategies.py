@@ -196,7 +196,9 @@ def register(strategy: Strategy) -> Strategy:
     known = {c.name: c.type for c in _all_columns(STRATEGIES.values())}
     for column in strategy.columns:
         if column.name in known and known[column.name] != column.type:
-            raise ValueError(f"query strategy {strategy.name!r}: column {column.name!r} is {known[column.name]} elsewhere")
+            raise ValueError(
+                f"query strategy {strategy.name!r}: column {column.name!r} is {known[column.name]} elsewhere"
+            )
     STRATEGIES[strategy.name] = strategy
     return strategy
 
@@ -273,8 +275,9 @@ _FG_VOLUME = Column("fg_volume", pa.float64(), "soft predicted foreground volume
 class DkdAsdSettings:
     """ASSFT's query (ours: the combination rule)."""
 
-    weight: float = setting(help="w in score = w·rank(DKD) + (1−w)·rank(ASD), in [0, 1]",
-                            schema="assft.options.dkd_asd.weight")
+    weight: float = setting(
+        help="w in score = w·rank(DKD) + (1−w)·rank(ASD), in [0, 1]", schema="assft.options.dkd_asd.weight"
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.weight) <= 1.0:
@@ -319,8 +322,9 @@ class RandomSettings:
 class FgRandomSettings:
     """Foreground-aware random (nnActive), see :func:`stages.core.active.foreground_weights`."""
 
-    share: float = setting(help="fraction of draws aimed at foreground, in [0, 1] (nnActive: 1/3)",
-                           schema="assft.options.fg_random.share")
+    share: float = setting(
+        help="fraction of draws aimed at foreground, in [0, 1] (nnActive: 1/3)", schema="assft.options.fg_random.share"
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.share, bool) or not isinstance(self.share, (int, float)) or not 0.0 <= self.share <= 1.0:
@@ -331,12 +335,18 @@ class FgRandomSettings:
 class McDropoutSettings:
     """Monte-Carlo dropout (ours: dropout at the head input, see ``stages.core.inference.mc_dropout_probabilities``)."""
 
-    passes: int = setting(help="T stochastic passes (>= 2; MONAI Label's default simulation size is 5)",
-                          schema="assft.options.mc_dropout.passes")
-    dropout: float = setting(help="dropout rate on the decoder features at the head input, in (0, 1)",
-                             schema="assft.options.mc_dropout.dropout")
-    measure: str = setting(help="monailabel (epistemic entropy of the MC mean over the foreground classes) or "
-                                "mutual_information (BALD)", schema="assft.options.mc_dropout.measure")
+    passes: int = setting(
+        help="T stochastic passes (>= 2; MONAI Label's default simulation size is 5)",
+        schema="assft.options.mc_dropout.passes",
+    )
+    dropout: float = setting(
+        help="dropout rate on the decoder features at the head input, in (0, 1)",
+        schema="assft.options.mc_dropout.dropout",
+    )
+    measure: str = setting(
+        help="monailabel (epistemic entropy of the MC mean over the foreground classes) or mutual_information (BALD)",
+        schema="assft.options.mc_dropout.measure",
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.passes, int) or self.passes < 2:
@@ -353,8 +363,9 @@ class McDropoutSettings:
 class CoresetSettings:
     """Core-set k-centre greedy on the pooled M0 features."""
 
-    metric: str = setting(help="euclidean (Sener & Savarese) or cosine (the distance DKD uses)",
-                          schema="assft.options.coreset.metric")
+    metric: str = setting(
+        help="euclidean (Sener & Savarese) or cosine (the distance DKD uses)", schema="assft.options.coreset.metric"
+    )
 
     def __post_init__(self) -> None:
         if self.metric not in ("euclidean", "cosine"):
@@ -382,8 +393,9 @@ def _fg_random_step(ctx: QueryContext, cfg: FgRandomSettings) -> StepScores:
 
     def step(remaining: np.ndarray, picked: np.ndarray) -> dict[str, np.ndarray]:
         terms = _dkd(ctx, remaining, picked)
-        terms.update(score=keys[remaining], random_key=u[remaining], fg_share=share[remaining],
-                     fg_weight=weights[remaining])
+        terms.update(
+            score=keys[remaining], random_key=u[remaining], fg_share=share[remaining], fg_weight=weights[remaining]
+        )
         return terms
 
     return step
@@ -401,26 +413,75 @@ def _coreset_step(ctx: QueryContext, cfg: CoresetSettings) -> StepScores:
 
 
 # Registration order is the column order of query.parquet: keep new strategies at the end.
-register(Strategy(
-    "dkd_asd", DkdAsdSettings, _dkd_asd_step, frozenset({MODEL}),
-    (Column("dkd_rank", pa.float64(), "scaled rank of dkd"), *_MODEL_COLUMNS,
-     Column("asd_rank", pa.float64(), "scaled rank of asd"), *_ASD_EXTRA),
-    help="ASSFT: w·rank(DKD) + (1−w)·rank(ASD); DKD alone at round 0",
-))
+register(
+    Strategy(
+        "dkd_asd",
+        DkdAsdSettings,
+        _dkd_asd_step,
+        frozenset({MODEL}),
+        (
+            Column("dkd_rank", pa.float64(), "scaled rank of dkd"),
+            *_MODEL_COLUMNS,
+            Column("asd_rank", pa.float64(), "scaled rank of asd"),
+            *_ASD_EXTRA,
+        ),
+        help="ASSFT: w·rank(DKD) + (1−w)·rank(ASD); DKD alone at round 0",
+    )
+)
 register(Strategy("dkd", DkdSettings, dkd_step, help="DKD alone: rank(k)·rank(d)"))
-register(Strategy("asd", AsdSettings, _model_score_step("asd"), frozenset({MODEL}), (*_MODEL_COLUMNS, *_ASD_EXTRA),
-                  help="ASD alone (entropy inside the Otsu foreground)"))
-register(Strategy("entropy", EntropySettings, _model_score_step("entropy"), frozenset({MODEL}), (_ENTROPY,),
-                  help="whole-volume mean normalised entropy"))
-register(Strategy("mc_dropout", McDropoutSettings, _mc_step, frozenset({MODEL, MC_DROPOUT}), _MC,
-                  help="epistemic uncertainty over MC-dropout passes"))
-register(Strategy("coreset", CoresetSettings, _coreset_step,
-                  columns=(Column("coreset_distance", pa.float64(), "distance to the nearest centre at its pick"),),
-                  help="k-centre greedy on the pooled M0 features"))
+register(
+    Strategy(
+        "asd",
+        AsdSettings,
+        _model_score_step("asd"),
+        frozenset({MODEL}),
+        (*_MODEL_COLUMNS, *_ASD_EXTRA),
+        help="ASD alone (entropy inside the Otsu foreground)",
+    )
+)
+register(
+    Strategy(
+        "entropy",
+        EntropySettings,
+        _model_score_step("entropy"),
+        frozenset({MODEL}),
+        (_ENTROPY,),
+        help="whole-volume mean normalised entropy",
+    )
+)
+register(
+    Strategy(
+        "mc_dropout",
+        McDropoutSettings,
+        _mc_step,
+        frozenset({MODEL, MC_DROPOUT}),
+        _MC,
+        help="epistemic uncertainty over MC-dropout passes",
+    )
+)
+register(
+    Strategy(
+        "coreset",
+        CoresetSettings,
+        _coreset_step,
+        columns=(Column("coreset_distance", pa.float64(), "distance to the nearest centre at its pick"),),
+        help="k-centre greedy on the pooled M0 features",
+    )
+)
 register(Strategy("random", RandomSettings, random_step, columns=(_RANDOM_KEY,), help="uniform random"))
-register(Strategy(
-    "fg_random", FgRandomSettings, _fg_random_step, frozenset({MODEL}),
-    (_RANDOM_KEY, _FG_VOLUME, Column("fg_share", pa.float64(), "the case's share of the predicted foreground"),
-     Column("fg_weight", pa.float64(), "the case's draw weight")),
-    fallback="random", help="nnActive's foreground-aware random",
-))
+register(
+    Strategy(
+        "fg_random",
+        FgRandomSettings,
+        _fg_random_step,
+        frozenset({MODEL}),
+        (
+            _RANDOM_KEY,
+            _FG_VOLUME,
+            Column("fg_share", pa.float64(), "the case's share of the predicted foreground"),
+            Column("fg_weight", pa.float64(), "the case's draw weight"),
+        ),
+        fallback="random",
+        help="nnActive's foreground-aware random",
+    )
+)

@@ -257,7 +257,7 @@ class Trainer:
             return None
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unreadable checkpoint gets the same advice
+        except Exception as err:
             raise InputError(path, f"unreadable checkpoint ({err}); delete {self.work_dir} to start over") from err
         if state.get("config_hash") != self.config_hash:
             raise InputError(
@@ -278,9 +278,9 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] is not None and torch.cuda.is_available():
-            if len(state["cuda_rng"]) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(state["cuda_rng"])
+        cuda_rng = state["cuda_rng"]
+        if cuda_rng is not None and torch.cuda.is_available() and len(cuda_rng) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_rng)
         self.step = int(state["step"])
         self.rows = list(state["log"])
         self.best_score = state["best_score"]
