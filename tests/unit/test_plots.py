@@ -92,7 +92,9 @@ def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         write_parquet(part.reset_index(drop=True), paths[-1], make_provenance("evaluate", {}))
     log = Path("results/runs/medseqft/t/teacher/train_log.parquet")
     write_parquet(pd.DataFrame({"step": [1, 2, 3], "loss": [2.0, 1.5, 1.2]}), log, make_provenance("train", {}))
-    aggregate.run(paths, Path("results/summary"), {"n_boot": 100, "order": ["t", "u"]}, [log])
+    # the workflow labels each log (method, step, stage); aggregate never reads them from the path
+    labelled = aggregate.TrainLog("medseqft", "t", "teacher", log)
+    aggregate.run(paths, Path("results/summary"), {"n_boot": 100, "order": ["t", "u"]}, [labelled])
     return tmp_path
 
 
