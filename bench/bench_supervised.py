@@ -171,6 +171,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="the pipeline UNet's norm: instance (non-affine, as the plain script's MONAI default) "
         "or group (4 groups, the pipeline's default)",
     )
+    parser.add_argument(
+        "--decoder-channels",
+        type=int,
+        default=16,
+        help="the pipeline UNet's decoder_channels (16 = channels[0], the default; 4 is faster, single head only)",
+    )
     parser.add_argument("--quick", action="store_true", help="100 steps, validation every 50 (smoke test)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -219,7 +225,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         norm = ["group", {"num_groups": 4}] if args.norm == "group" else "instance"
         m0 = FoundationNet(
             "unet",
-            arch_kwargs={"channels": [16, 32, 64, 128], "num_res_units": 2, "norm": norm},
+            arch_kwargs={
+                "channels": [16, 32, 64, 128],
+                "num_res_units": 2,
+                "norm": norm,
+                "decoder_channels": args.decoder_channels,
+            },
             ssl={},
             seed=args.seed,
         )

@@ -179,3 +179,16 @@ def test_load_mismatch_lists_keys(tmp_path) -> None:
     assert "missing" in msg and "unexpected" in msg
     with pytest.raises(InputError, match="model.json"):
         load_model(tmp_path / "nothing")
+
+
+def test_unet_decoder_channels_sets_the_head_width_and_defaults_to_the_first_level() -> None:
+    """``decoder_channels``: the top up layer's output, read by every head; default ``channels[0]``."""
+    kwargs = {"channels": [4, 8, 16], "num_res_units": 1, "norm": "instance"}
+    default = FoundationNet("unet", 1, kwargs, ssl=None, heads={"t": 3}, seed=0)
+    assert default.decoder_dim == 4 and default.seg_heads["t"].in_channels == 4
+    narrow = FoundationNet("unet", 1, {**kwargs, "decoder_channels": 2}, ssl=None, heads={"t": 3}, seed=0)
+    assert narrow.decoder_dim == 2 and narrow.seg_heads["t"].in_channels == 2
+    x = torch.randn(1, 1, 9, 10, 11)
+    assert narrow.segment(x, "t").shape == (1, 3, 9, 10, 11)
+    with pytest.raises(ValueError, match="decoder_channels"):
+        FoundationNet("unet", 1, {**kwargs, "decoder_channels": 0}, ssl=None, seed=0)
