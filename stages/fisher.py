@@ -12,7 +12,6 @@ parameter towards M_t with that weight. The Fisher is its own artifact, so it ca
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from stages.core.regularisers import accumulate_fisher, diagonal_fisher
 from stages.core.sampling import CaseStore, PatchSampler
 from stages.core.settings import add_settings_argument, add_threads_argument, apply_threads, from_mapping, setting
 
-__all__ = ["run", "main"]
+__all__ = ["FisherSettings", "main", "run"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,9 +43,6 @@ class FisherSettings:
     fg_ratio: float = setting(help="share of patches centred on a foreground voxel", schema="train.fg_ratio")
     seed: int = setting(help="seeds the patch draws", schema="seed")
     device: str = setting(help="cpu, cuda or cuda:N", schema="device")
-
-
-SETTINGS = tuple(f.name for f in dataclasses.fields(FisherSettings))
 
 
 def run(

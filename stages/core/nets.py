@@ -541,11 +541,10 @@ def load_model(folder: Path) -> FoundationNet:
     if not weights.is_file():
         raise InputError(weights, "model weights not found")
     try:
-        arch_kwargs = dict(meta["arch_kwargs"])
         model = FoundationNet(
             meta["arch"],
             in_channels=int(meta["in_channels"]),
-            arch_kwargs=arch_kwargs,
+            arch_kwargs=meta["arch_kwargs"],
             ssl=meta["ssl"],
             heads={k: int(v) for k, v in meta["heads"].items()},
             seed=0,  # every tensor is overwritten below; a fixed seed just avoids touching the global RNG
