@@ -172,10 +172,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         "or group (4 groups, the pipeline's default)",
     )
     parser.add_argument(
-        "--decoder-channels",
-        type=int,
-        default=16,
-        help="the pipeline UNet's decoder_channels (16 = channels[0], the default; 4 is faster, single head only)",
+        "--top",
+        choices=["per_head", "shared"],
+        default="per_head",
+        help="the pipeline UNet's arch_kwargs.top: per_head (the default; the head is MONAI's top up layer, "
+        "as in the plain script) or shared (16 full-resolution decoder channels read by a 1x1x1 head)",
     )
     parser.add_argument("--quick", action="store_true", help="100 steps, validation every 50 (smoke test)")
     parser.add_argument("--seed", type=int, default=0)
@@ -229,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "channels": [16, 32, 64, 128],
                 "num_res_units": 2,
                 "norm": norm,
-                "decoder_channels": args.decoder_channels,
+                "top": args.top,
             },
             ssl={},
             seed=args.seed,

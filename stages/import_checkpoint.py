@@ -42,7 +42,7 @@ import torch
 from stages.core.errors import InputError, run_cli
 from stages.core.io import load_safetensors, make_provenance, read_parquet
 from stages.core.log import stage_log
-from stages.core.nets import ARCHS, FoundationNet, check_state_dict, save_model, seed_from
+from stages.core.nets import ARCHS, DEFAULT_ARCH_KWARGS, FoundationNet, check_state_dict, save_model, seed_from
 from stages.core.settings import add_settings_argument, from_mapping, setting
 from stages.core.ssl import write_feature_stats
 
@@ -83,9 +83,10 @@ class ImportSettings:
             raise InputError("--settings.arch", "format monai_swin_ssl needs arch 'swinunetr'")
 
 
-# The backbone's output conv, which FoundationNet replaces by the task heads. MONAI's UNet keeps its
-# last layer (it writes the decoder features), so a plain UNet checkpoint imports with
-# arch_kwargs.decoder_channels set to its out_channels.
+# The backbone's output conv, which FoundationNet replaces by the task heads. MONAI's UNet: with
+# arch_kwargs.top per_head (the default) its top up layer (``model.2``) is each head's own, so it is
+# dropped like an output conv and the heads start from the seed; with top shared it keeps its last layer
+# (it writes the decoder features), so set arch_kwargs.decoder_channels to the checkpoint's out_channels.
 _OUTPUT_CONV = {"basicunet": "backbone.final_conv.", "swinunetr": "backbone.out.", "unet": None}
 _SWIN_BLOCKS = (
     "encoder1.",
@@ -209,11 +210,15 @@ def map_keys(
 
 def _heads_in(state: Mapping[str, torch.Tensor]) -> tuple[list[str], dict[str, int]]:
     ssl = sorted({k.split(".")[1] for k in state if k.startswith("ssl_heads.")})
-    seg = {
-        k.split(".")[1]: int(v.shape[0])
-        for k, v in state.items()
-        if k.startswith("seg_heads.") and k.endswith(".weight")
-    }
+    seg: dict[str, int] = {}
+    for k, v in state.items():
+        parts = k.split(".")
+        if parts[0] != "seg_heads" or len(parts) < 3:
+            continue
+        if parts[2:] == ["weight"]:  # a 1x1x1 conv head: (classes, in, 1, 1, 1)
+            seg[parts[1]] = int(v.shape[0])
+        elif parts[2:] in (["layer", "0", "conv", "weight"], ["layer", "conv", "weight"]):  # per-head unet: (in, classes, ...)
+            seg[parts[1]] = int(v.shape[1])
     return ssl, seg
 
 
@@ -239,6 +244,8 @@ def run(checkpoint: Path, out: Path, settings: Mapping[str, Any], pool: Path | N
     drop = list(conf.drop)
     seed = conf.seed
 
+    if arch == "unet" and (conf.arch_kwargs or {}).get("top", DEFAULT_ARCH_KWARGS["unet"]["top"]) == "per_head":
+        drop.append("backbone.model.2.")
     state = read_checkpoint(checkpoint)
     mapped, dropped, unmapped = map_keys(state, fmt, prefix_map, drop, arch)
     if unmapped:

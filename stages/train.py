@@ -533,9 +533,12 @@ def recipe_retention(job: Job) -> Plan:
             if lwf_weight > 0:
                 head = old_heads[k]
                 if head is not None:
-                    old = frozen.seg_heads[head]
+                    size = bx.shape[2:]
                     lwf = kd_loss(
-                        n.seg_heads[head](student_dec), old(frozen_dec), kind="kl", temperature=s.kd_temperature
+                        n.head_logits(head, student_dec, size),
+                        frozen.head_logits(head, frozen_dec, size),
+                        kind="kl",
+                        temperature=s.kd_temperature,
                     )
                 else:  # a buffer of the current task: M_{t-1} has no head for it
                     lwf = student_dec.sum() * 0.0
@@ -635,7 +638,7 @@ def _regularised_finetune(
         batch = sampler.sample(generator)
         x = batch["image"].to(job.device)
         _, decoded = net.forward_features(x)  # one pass: the task's head and LwF's old heads share it
-        seg = loss_fn(net.seg_heads[task](decoded), batch["label"].to(job.device))
+        seg = loss_fn(net.head_logits(task, decoded, x.shape[2:]), batch["label"].to(job.device))
         weighted = {"seg": seg, **regulariser(net, x, decoded)}
         terms = {"seg": seg.detach()}
         terms.update({name: value.detach() for name, value in weighted.items() if name != "seg"})
@@ -689,7 +692,11 @@ def recipe_lwf(job: Job) -> Plan:
             return {}
         with torch.no_grad():
             _, old_decoded = frozen.forward_features(x)
-        terms = [lwf_loss(net.seg_heads[h](decoded), frozen.seg_heads[h](old_decoded), temperature) for h in old_heads]
+        size = x.shape[2:]
+        terms = [
+            lwf_loss(net.head_logits(h, decoded, size), frozen.head_logits(h, old_decoded, size), temperature)
+            for h in old_heads
+        ]
         return {"lwf": weight * torch.stack(terms).mean()}
 
     extra = _head_params(model, old_heads) if frozen is not None else []

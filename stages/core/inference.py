@@ -125,9 +125,9 @@ def mc_dropout_probabilities(
     """``passes`` Monte-Carlo dropout predictions of one volume (Gal & Ghahramani, ICML 2016).
 
     Our networks are trained without dropout, so (ours) dropout with rate ``dropout`` is applied to the
-    decoder features at the input of the task's 1x1x1 head, with inverted scaling so that the expected
-    head input is unchanged. The backbone runs once per sliding window and only the cheap head is
-    repeated ``passes`` times, so T passes cost about one inference. The masks are drawn on the CPU
+    decoder features at the input of the task's head, with inverted scaling so that the expected
+    head input is unchanged. The backbone runs once per sliding window and only the head (a 1x1x1 conv, or a per-head unet's up layer) is
+    repeated ``passes`` times. The masks are drawn on the CPU
     from ``generator``, so a seeded run is reproducible on any device.
 
     Args:
@@ -156,7 +156,7 @@ def mc_dropout_probabilities(
         outputs = []
         for _ in range(passes):
             mask = (torch.rand(features.shape, generator=generator) < keep).to(features.device, features.dtype)
-            outputs.append(head(features * mask / keep))
+            outputs.append(model.head_logits(task, features * mask / keep, patch.shape[2:]))
         return torch.cat(outputs, dim=1)
 
     was_training = model.training

@@ -92,6 +92,12 @@ class Method:
         return self.buffer is not None
 
     @property
+    def plain_first_step(self) -> bool:
+        """Its first step is plain full FT of M0 on the first task (parallel FT's first step with the same
+        ``step_factor``): sequential full FT, EWC (no Fisher yet) and LwF (no earlier head yet)."""
+        return self.chain == "sequential" and self.recipe in ("finetune", "ewc", "lwf")
+
+    @property
     def steps_per_task(self) -> int:
         """Optimiser steps per task, in units of ``train.steps`` (K&G RFT: teacher + student)."""
         return 2 if self.kgrft else self.step_factor

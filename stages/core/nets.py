@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ __all__ = [
 ]
 
 ARCHS = ("basicunet", "swinunetr", "unet")
+UNET_TOPS = ("per_head", "shared")
 
 #: Defaults merged under the ``arch_kwargs`` a caller gives. BasicUNet: a small CPU demo (ours). Group
 #: norm rather than MONAI's default instance norm, because instance norm fixes every channel's spatial
@@ -57,18 +58,20 @@ DEFAULT_ARCH_KWARGS: dict[str, dict[str, Any]] = {
     # MONAI's strided UNet (Kerfoot et al., 2018): one strided conv + residual units per level, about a
     # tenth of BasicUNet's cost per voxel. Group norm for the same reason as BasicUNet's; ``["instance",
     # {"affine": true}]`` (MONAI's default is non-affine instance norm) is the other supported choice.
-    # ``decoder_channels`` (ours; default ``channels[0]``): what the top up layer writes, the features
-    # every task head and the reconstruction head read. Its two convolutions run at full resolution, so
-    # it sets the cost of a step: 16 made a training step 2.2x a plain MONAI UNet's with 3 output
-    # channels, 4 about 1.4x (same batches, 2 threads). But 4 starves a decoder shared by several
-    # heads: multi-task FT on the two hippocampus tasks reached a training loss of 0.51 at 120 steps
-    # with 4 against 0.31 with 16, and test Dice 0.59 / 0.55 against 0.85 / 0.83 for one task each.
-    # Set it low only for single-head profiles that need the speed.
+    # ``top`` (ours): where the task heads sit. ``per_head`` (the default): MONAI's top up layer
+    # (transposed conv + residual unit, full resolution) is each head's own, reading the top level's
+    # concatenated half-resolution features (2 x channels[0]); a training step then costs what a plain
+    # MONAI UNet's does (0.68 s against 0.66 s at batch 8 x 40x56x40, one thread, one head; 16 shared
+    # channels: 1.43 s). ``shared``: the top up layer writes ``decoder_channels`` (default channels[0])
+    # full-resolution features that 1x1x1 heads read, as a plain MONAI UNet checkpoint has it. 16 shared
+    # channels made a step 2.2x a plain UNet's, 4 about 1.4x, but 4 starved multi-task FT (training loss
+    # 0.51 against 0.31 at 120 steps; test Dice 0.59 / 0.55 against 0.85 / 0.83 single-task).
     "unet": {
         "channels": [16, 32, 64, 128],
         "strides": [2, 2, 2],
         "num_res_units": 2,
         "norm": ["group", {"num_groups": 4}],
+        "top": "per_head",
     },
 }
 
@@ -210,6 +213,25 @@ def _unet_levels(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch
     return deepest, block[2](torch.cat([down, inner], dim=block[1].dim))
 
 
+def _crop(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """The first ``size`` voxels of each spatial side (undoes :func:`_pad_to`)."""
+    if tuple(x.shape[2:]) == tuple(size):
+        return x
+    return x[(..., *(slice(0, int(n)) for n in size))]
+
+
+class UpHead(nn.Module):
+    """A per-head unet's task (or reconstruction) head: MONAI UNet's top up layer, ``out_channels`` outputs."""
+
+    def __init__(self, layer: nn.Module, out_channels: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
 def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """Zero-pad the spatial sides at their ends up to a multiple of ``multiple`` (a strided UNet needs it)."""
     pad = [(-n) % multiple for n in x.shape[2:]]
@@ -225,13 +247,17 @@ class FoundationNet(nn.Module):
     ``nn.Identity`` so that it is neither computed nor in the state dict: each task's 1x1x1 head in
     ``seg_heads`` takes its place.
 
-    MONAI's strided ``UNet`` (``arch="unet"``) keeps its whole network: its ``out_channels`` is set to
-    ``decoder_channels`` (default ``channels[0]``) and those are the decoder features. Its input is zero-padded at the end of each side
-    to a multiple of the total stride and the decoder output cropped back, so any size runs.
+    MONAI's strided ``UNet`` (``arch="unet"``): with ``arch_kwargs.top: per_head`` (the default) its top
+    up layer is removed from the backbone and each head (task or reconstruction) is its own copy of it,
+    reading the top level's half-resolution features; with ``top: shared`` it keeps its whole network,
+    its ``out_channels`` is ``decoder_channels`` (default ``channels[0]``), and those full-resolution
+    features are what 1x1x1 heads read. Its input is zero-padded at the end of each side to a multiple
+    of the total stride and the heads' output cropped back (:meth:`head_logits`), so any size runs.
 
     Deepest features: BasicUNet ``down_4``; UNet the bottom layer; SwinUNETR the last (normalised) Swin stage,
     ``swinViT(x)[4]``, the feature space its self-supervised heads were trained on (Tang et al.).
-    Decoder features: BasicUNet ``upcat_1``; UNet the top up layer; SwinUNETR ``decoder1``.
+    Decoder features: BasicUNet ``upcat_1``; UNet the top level's concatenation (per_head, half resolution
+    and padded) or its up layer (shared); SwinUNETR ``decoder1``.
 
     Args:
         arch: "basicunet", "unet" or "swinunetr".
@@ -289,6 +315,11 @@ class FoundationNet(nn.Module):
             from monai.networks.nets import UNet
 
             channels = tuple(int(c) for c in kwargs.pop("channels"))
+            top = kwargs.pop("top", "per_head")
+            if top not in UNET_TOPS:
+                raise ValueError(f"unet top must be one of {list(UNET_TOPS)}, got {top!r}")
+            if top == "per_head" and "decoder_channels" in kwargs:
+                raise ValueError("unet decoder_channels applies to top 'shared' only (per_head heads read 2 x channels[0])")
             decoder = int(kwargs.pop("decoder_channels", channels[0]))
             if decoder < 1:
                 raise ValueError(f"unet decoder_channels must be >= 1, got {decoder}")
@@ -310,6 +341,12 @@ class FoundationNet(nn.Module):
             self.stride = math.prod(strides)
             self.feature_dim = int(channels[-1])
             self.decoder_dim = decoder
+            self.per_head = top == "per_head"
+            if self.per_head:
+                # the top up layer becomes each head's own; the backbone ends with the top level's
+                # concatenation (its down-sampled input and the inner levels' output) at half resolution
+                self.backbone.model[2] = nn.Identity()
+                self.decoder_dim = channels[0] * 2 if len(channels) > 2 else channels[0] + channels[1]
         else:
             self.backbone = SwinUNETR(in_channels=self.in_channels, out_channels=1, spatial_dims=3, **kwargs)
             self.backbone.out = nn.Identity()
@@ -319,7 +356,11 @@ class FoundationNet(nn.Module):
         self.ssl_heads = nn.ModuleDict()
         for name in self.ssl_config["heads"]:
             if name == "reconstruction":
-                self.ssl_heads[name] = nn.Conv3d(self.decoder_dim, self.in_channels, kernel_size=1)
+                self.ssl_heads[name] = (
+                    self._up_head(self.in_channels)
+                    if self.per_head
+                    else nn.Conv3d(self.decoder_dim, self.in_channels, kernel_size=1)
+                )
             elif name == "rotation":
                 self.ssl_heads[name] = nn.Linear(self.feature_dim, 4)
             else:
@@ -329,10 +370,34 @@ class FoundationNet(nn.Module):
             self.add_head(task, num_classes)
 
     # ---- heads -------------------------------------------------------------------------------------
+    per_head = False  # a unet whose top up layer is each head's own (``arch_kwargs.top: per_head``)
+
+    def _up_head(self, out_channels: int) -> "UpHead":
+        """MONAI UNet's top up layer writing ``out_channels``, on the half-resolution decoder features.
+
+        Built by MONAI's own ``UNet._get_up_layer``, so it is exactly a plain UNet's last layer; only a
+        group norm is given ``gcd(num_groups, out_channels)`` groups (4 groups cannot split 2 channels).
+        Initialised from the global RNG (callers fork and seed it).
+        """
+        net = self.backbone
+        norm = net.norm
+        name, args = (norm, {}) if isinstance(norm, str) else (norm[0], dict(norm[1]))
+        if str(name).lower() == "group":
+            args["num_groups"] = math.gcd(int(args.get("num_groups", 1)), int(out_channels))
+            net.norm = (name, args)
+        try:
+            layer = net._get_up_layer(self.decoder_dim, int(out_channels), net.strides[0], True)
+        finally:
+            net.norm = norm
+        return UpHead(layer, int(out_channels))
+
     def add_head(
         self, task: str, num_classes: int, generator: torch.Generator | None = None, seed: int | None = None
-    ) -> nn.Conv3d:
-        """Add a task's 1x1x1 segmentation head on the decoder features, deterministically initialised.
+    ) -> nn.Module:
+        """Add a task's segmentation head on the decoder features, deterministically initialised.
+
+        A 1x1x1 convolution, or for ``arch_kwargs.top: per_head`` (unet) MONAI's top up layer (see
+        :meth:`_up_head`).
 
         Args:
             task: task name (a ``seg_heads`` key; no dots).
@@ -347,9 +412,15 @@ class FoundationNet(nn.Module):
         if generator is None:
             generator = torch.Generator().manual_seed(seed if seed is not None else seed_from("seg_head", task))
         ref = next(self.backbone.parameters())
-        head = nn.Conv3d(self.decoder_dim, int(num_classes), kernel_size=1)
-        with torch.no_grad():
-            _init_conv_(head, generator)
+        head: nn.Module
+        if self.per_head:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+                head = self._up_head(int(num_classes))
+        else:
+            head = nn.Conv3d(self.decoder_dim, int(num_classes), kernel_size=1)
+            with torch.no_grad():
+                _init_conv_(head, generator)
         self.seg_heads[task] = head.to(device=ref.device, dtype=ref.dtype)
         return self.seg_heads[task]
 
@@ -390,9 +461,10 @@ class FoundationNet(nn.Module):
             u2 = b.upcat_2(u3, x1)
             return x4, b.upcat_1(u2, x0)
         if self.arch == "unet":
-            size = x.shape[2:]
             deepest, decoded = _unet_levels(b.model, _pad_to(x, self.stride))
-            return deepest, decoded[(..., *(slice(0, n) for n in size))]
+            if self.per_head:  # half resolution, padded: the heads crop (head_logits)
+                return deepest, decoded
+            return deepest, _crop(decoded, x.shape[2:])
         b._check_input_size(x.shape[2:])
         hidden = b.swinViT(x, b.normalize)
         enc0 = b.encoder1(x)
@@ -414,11 +486,19 @@ class FoundationNet(nn.Module):
         """Global average of the deepest features, (B, feature_dim)."""
         return self.encode(x).mean(dim=(2, 3, 4))
 
+    def head_logits(self, task: str, decoded: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        """``task``'s head on decoder features of an input of spatial ``size``: (B, num_classes, *size).
+
+        Per-head unet features are half-resolution and padded (see :meth:`forward_features`): the head
+        doubles them and the result is cropped back to ``size``; elsewhere the crop does nothing.
+        """
+        return _crop(self.seg_heads[task](decoded), size)
+
     def segment(self, x: torch.Tensor, task: str) -> torch.Tensor:
         """Segmentation logits (B, num_classes, *spatial) of ``task``'s head."""
         if task not in self.seg_heads:
             raise KeyError(f"no segmentation head {task!r}; heads: {sorted(self.seg_heads)}")
-        return self.seg_heads[task](self.decode_features(x))
+        return self.head_logits(task, self.decode_features(x), x.shape[2:])
 
     def forward(self, x: torch.Tensor, task: str) -> torch.Tensor:
         """Same as :meth:`segment` (so PEFT wrappers and MONAI inferers can call the module)."""
@@ -440,7 +520,7 @@ class FoundationNet(nn.Module):
         deepest, decoded = self.forward_features(x)
         out: dict[str, torch.Tensor] = {"pooled": deepest.mean(dim=(2, 3, 4))}
         if "reconstruction" in self.ssl_heads:
-            out["reconstruction"] = self.ssl_heads["reconstruction"](decoded)
+            out["reconstruction"] = _crop(self.ssl_heads["reconstruction"](decoded), x.shape[2:])
         if "rotation" in self.ssl_heads:
             out["rotation"] = self.ssl_heads["rotation"](self._head_input(deepest, 0))
         if "contrastive" in self.ssl_heads:

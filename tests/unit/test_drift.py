@@ -154,22 +154,15 @@ def test_blocks_cover_both_monai_backbones() -> None:
     assert swin_blocks == {f"encoder.{k}" for k in range(5)} | {f"skip.{k}" for k in (1, 2, 3, 4, 10)} | {
         f"decoder.{k}" for k in range(1, 6)
     } | {"heads.seg"}
-    unet = FoundationNet(
-        "unet",
-        1,
-        {"channels": [4, 8, 8], "num_res_units": 1, "norm": ["group", {"num_groups": 2}]},
-        heads={"t": 2},
-        seed=0,
-    )
-    # two levels (down 0 and 1, up 0 and 1) and the bottom layer, encoder.2
-    assert {drift.block_of(n) for n, _ in unet.named_parameters()} == {
-        "encoder.0",
-        "encoder.1",
-        "encoder.2",
-        "decoder.1",
-        "decoder.0",
-        "heads.seg",
-    }
+    blocks = {}
+    for top in ("per_head", "shared"):
+        kwargs = {"channels": [4, 8, 8], "num_res_units": 1, "norm": ["group", {"num_groups": 2}], "top": top}
+        unet = FoundationNet("unet", 1, kwargs, heads={"t": 2}, seed=0)
+        blocks[top] = {drift.block_of(n) for n, _ in unet.named_parameters()}
+    # two levels (down 0 and 1, up 0 and 1) and the bottom layer, encoder.2; a per-head unet's top up
+    # layer (decoder.0) is each head's own, so it counts with the heads
+    assert blocks["shared"] == {"encoder.0", "encoder.1", "encoder.2", "decoder.1", "decoder.0", "heads.seg"}
+    assert blocks["per_head"] == blocks["shared"] - {"decoder.0"}
     ordered = sorted(swin_blocks | {"total", "backbone"}, key=drift.block_sort_key)
     assert ordered[:2] == ["encoder.0", "encoder.1"] and ordered[-2:] == ["backbone", "total"]
     assert ordered.index("decoder.5") < ordered.index("decoder.1") < ordered.index("heads.seg")

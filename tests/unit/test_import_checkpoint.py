@@ -133,6 +133,29 @@ def test_state_dict_format_plain_monai_basicunet(tmp_path) -> None:
             assert torch.equal(ours["backbone." + key], value)
 
 
+@pytest.mark.parametrize("top", ["per_head", "shared"])
+def test_state_dict_format_plain_monai_strided_unet(tmp_path, top: str) -> None:
+    """A plain MONAI UNet: per_head drops its top up layer (each head's own, seeded); shared keeps it."""
+    from monai.networks.nets import UNet
+
+    kwargs = {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1, "norm": "instance"}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        unet = UNet(spatial_dims=3, in_channels=1, out_channels=3, **kwargs)
+    path = tmp_path / "unet.pt"
+    torch.save({f"net.{k}": v for k, v in unet.state_dict().items()}, path)
+    arch_kwargs = {**kwargs, "top": top, **({"decoder_channels": 3} if top == "shared" else {})}
+    settings = {"format": "state_dict", "arch": "unet", "arch_kwargs": arch_kwargs, "prefix_map": {"net.": "backbone."}}
+    run(path, tmp_path / "m", settings)
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    top_layer = sorted(f"backbone.{k}" for k in unet.state_dict() if k.startswith("model.2."))
+    assert top_layer and meta["provenance"]["dropped_keys"] == (top_layer if top == "per_head" else [])
+    ours = load_model(tmp_path / "m").state_dict()
+    for key, value in unet.state_dict().items():
+        if top == "shared" or not key.startswith("model.2."):
+            assert torch.equal(ours["backbone." + key], value)
+
+
 def test_state_dict_format_full_model_safetensors(tmp_path) -> None:
     source = FoundationNet("basicunet", arch_kwargs=TINY_UNET, ssl={"patch_size": [16, 16, 16]}, heads={"t": 2}, seed=4)
     path = tmp_path / "full.safetensors"

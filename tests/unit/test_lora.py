@@ -116,7 +116,9 @@ def test_targets_strided_unet() -> None:
     convs = [n for n, m in model.backbone.named_modules() if type(m) is nn.Conv3d and m.kernel_size == (3, 3, 3)]
     assert len(targets) == len(convs)
     ups = [n for n, m in model.named_modules() if isinstance(m, nn.ConvTranspose3d)]
-    assert len(ups) == 2 and not set(ups) & set(targets)
+    # one inner up layer in the backbone; the top one is each head's own (per_head): the SSL
+    # reconstruction head's and the two task heads' — none a target
+    assert len(ups) == 4 and sum(n.startswith("backbone.") for n in ups) == 1 and not set(ups) & set(targets)
     peft_model = add_lora(model, rank=2, alpha=2, train_heads=["new"])
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert not any("lora" not in n and "seg_heads" not in n for n in trainable)

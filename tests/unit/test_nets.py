@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -50,27 +51,38 @@ def test_basicunet_shapes(shape: tuple[int, ...]) -> None:
 STRIDED_UNET = {"channels": [4, 8, 8, 16], "num_res_units": 1, "norm": ["group", {"num_groups": 2}]}
 
 
+@pytest.mark.parametrize("top", ["per_head", "shared"])
 @pytest.mark.parametrize("norm", [["group", {"num_groups": 2}], ["instance", {"affine": True}]])
 @pytest.mark.parametrize("shape", [(2, 1, 19, 21, 23), (1, 1, 32, 24, 16)])
-def test_strided_unet_shapes(shape: tuple[int, ...], norm: list) -> None:
-    model = FoundationNet("unet", arch_kwargs={**STRIDED_UNET, "norm": norm}, ssl={}, heads={"liver": 3}, seed=2).eval()
+def test_strided_unet_shapes(shape: tuple[int, ...], norm: list, top: str) -> None:
+    kwargs = {**STRIDED_UNET, "norm": norm, "top": top}
+    model = FoundationNet("unet", arch_kwargs=kwargs, ssl={}, heads={"liver": 3}, seed=2).eval()
     assert model.arch_kwargs["strides"] == [2, 2, 2] and model.stride == 8
-    assert (model.feature_dim, model.decoder_dim) == (16, 4)
+    # per_head: the heads read the top level's concatenation (2 x channels[0]) at half resolution
+    assert (model.feature_dim, model.decoder_dim) == (16, 8 if top == "per_head" else 4)
     x = torch.randn(shape)
     with torch.no_grad():
         deepest, decoded = model.forward_features(x)
         out = model.ssl_forward(x)
         logits = model.segment(x, "liver")
     padded = [-(-n // 8) for n in shape[2:]]  # sides padded up to a multiple of the total stride
-    assert deepest.shape == (shape[0], 16, *padded) and decoded.shape == (shape[0], 4, *shape[2:])
+    assert deepest.shape == (shape[0], 16, *padded)
+    if top == "per_head":
+        assert decoded.shape == (shape[0], 8, *(4 * n for n in padded))
+    else:
+        assert decoded.shape == (shape[0], 4, *shape[2:])
     with torch.no_grad():
         assert torch.equal(model.encode(x), deepest)
     assert out["reconstruction"].shape == shape and out["rotation"].shape == (shape[0], 4)
     assert logits.shape == (shape[0], 3, *shape[2:])
     if all(n % 8 == 0 for n in shape[2:]):
-        # the level-by-level pass is MONAI's own forward, nothing replaced
+        # the level-by-level pass is MONAI's own forward, nothing replaced; per_head: a plain MONAI UNet
+        # whose top up layer is the head computes the head's logits
+        plain = copy.deepcopy(model.backbone)
+        if top == "per_head":
+            plain.model[2] = copy.deepcopy(model.seg_heads["liver"].layer)
         with torch.no_grad():
-            assert torch.allclose(decoded, model.backbone(x), atol=1e-6)
+            assert torch.allclose(logits if top == "per_head" else decoded, plain(x), atol=1e-5)
 
 
 def test_strided_unet_bad_strides() -> None:
@@ -182,13 +194,30 @@ def test_load_mismatch_lists_keys(tmp_path) -> None:
 
 
 def test_unet_decoder_channels_sets_the_head_width_and_defaults_to_the_first_level() -> None:
-    """``decoder_channels``: the top up layer's output, read by every head; default ``channels[0]``."""
-    kwargs = {"channels": [4, 8, 16], "num_res_units": 1, "norm": "instance"}
+    """``decoder_channels`` (top shared): the top up layer's output, read by every head; default ``channels[0]``."""
+    kwargs = {"channels": [4, 8, 16], "num_res_units": 1, "norm": "instance", "top": "shared"}
     default = FoundationNet("unet", 1, kwargs, ssl=None, heads={"t": 3}, seed=0)
     assert default.decoder_dim == 4 and default.seg_heads["t"].in_channels == 4
     narrow = FoundationNet("unet", 1, {**kwargs, "decoder_channels": 2}, ssl=None, heads={"t": 3}, seed=0)
     assert narrow.decoder_dim == 2 and narrow.seg_heads["t"].in_channels == 2
     x = torch.randn(1, 1, 9, 10, 11)
     assert narrow.segment(x, "t").shape == (1, 3, 9, 10, 11)
+    with pytest.raises(ValueError, match="decoder_channels applies to top 'shared'"):
+        FoundationNet("unet", 1, {**kwargs, "top": "per_head", "decoder_channels": 2}, ssl=None, seed=0)
+    with pytest.raises(ValueError, match="top must be one of"):
+        FoundationNet("unet", 1, {**kwargs, "top": "both"}, ssl=None, seed=0)
     with pytest.raises(ValueError, match="decoder_channels"):
         FoundationNet("unet", 1, {**kwargs, "decoder_channels": 0}, ssl=None, seed=0)
+
+
+def test_per_head_unet_heads_are_seeded_and_group_norm_fits_their_width() -> None:
+    """Per-head unet heads: the same seed gives the same head; 4 norm groups shrink to gcd(4, classes)."""
+    kwargs = {"channels": [8, 16, 32], "num_res_units": 2, "norm": ["group", {"num_groups": 4}]}
+    a = FoundationNet("unet", 1, kwargs, ssl={}, heads={"t": 2, "u": 3}, seed=0)
+    b = FoundationNet("unet", 1, kwargs, ssl={}, heads={"t": 2, "u": 3}, seed=0)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    assert not torch.equal(a.seg_heads["t"].layer[0].conv.weight[:, :2], a.seg_heads["u"].layer[0].conv.weight[:, :2])
+    groups = {n: m.num_groups for n, m in a.named_modules() if isinstance(m, torch.nn.GroupNorm)}
+    assert groups["seg_heads.t.layer.0.adn.N"] == 2 and groups["seg_heads.u.layer.0.adn.N"] == 1
+    assert groups["backbone.model.0.conv.unit0.adn.N"] == 4
+    assert a.segment(torch.randn(1, 1, 12, 10, 9), "u").shape == (1, 3, 12, 10, 9)

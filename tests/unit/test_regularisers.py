@@ -117,3 +117,34 @@ def test_lwf_step_keeps_earlier_heads_close_and_trains_them(world: dict[str, Pat
     assert (log["grad_lwf"].iloc[2:] > 0).all()
     s1, s2 = load_file(tmp_path / "step1" / "model.safetensors"), load_file(tmp_path / "step2" / "model.safetensors")
     assert not torch.equal(s1["seg_heads.organ_lesion.weight"], s2["seg_heads.organ_lesion.weight"])
+
+
+def test_first_steps_of_ewc_and_lwf_are_plain_finetuning_bit_for_bit(world: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
+    """The claim behind ``reuse_first_steps``: with no Fisher and no earlier head, EWC's and LwF's first
+    step compute exactly what full FT does (gradient logging included), so parallel FT's model stands in."""
+    train(world, tmp_path / "ft")
+    ft = load_file(tmp_path / "ft" / "model.safetensors")
+    for recipe, extra in (
+        ("ewc", {"ewc": {"lambda": 1000.0, "gamma": 1.0, "fisher_batches": 2}}),
+        ("lwf", {"lwf": {"weight": 1.0, "temperature": 2.0}}),
+    ):
+        train(world, tmp_path / recipe, recipe=recipe, settings={**extra, "grad_log_every": 1})
+        other = load_file(tmp_path / recipe / "model.safetensors")
+        assert other.keys() == ft.keys() and all(torch.equal(other[k], ft[k]) for k in ft), recipe
+
+
+def test_reuse_copies_a_model_folder_and_records_where_from(world: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
+    from stages import reuse
+
+    train(world, tmp_path / "ft")
+    reuse.main(["--source", str(tmp_path / "ft"), "--out", str(tmp_path / "copy"), "--why", "the same job"])
+    for name in reuse.FILES:
+        assert (tmp_path / "copy" / name).read_bytes() == (tmp_path / "ft" / name).read_bytes()
+    record = read_json(tmp_path / "copy" / reuse.RECORD)
+    assert record["source"] == str(tmp_path / "ft") and record["why"] == "the same job"
+    assert record["provenance"]["stage"] == "reuse" and set(record["files"]) == set(reuse.FILES)
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "model.json").write_text("{}")
+    with pytest.raises(InputError, match=r"missing \['train_log.parquet', 'model.safetensors'\]"):
+        reuse.run(tmp_path / "half", tmp_path / "none", "x")
+    assert not (tmp_path / "none").exists()

@@ -274,6 +274,30 @@ def reused_teacher(method, step, seed=None):
     return None
 
 
+def reused_first_step(method, step, seed=None):
+    """Parallel FT's first-step model when it is this sequential method's first step (reuse_first_steps).
+
+    Sequential FT, EWC and LwF start with plain full FT of M0 on the first task: with the same step
+    factor that is the parallel method's first job, bit for bit, so it is trained once and copied.
+    """
+    row = METHOD[method]
+    twin = next(
+        (m for m in PARALLEL if METHOD[m].recipe == "finetune" and METHOD[m].step_factor == row.step_factor), None
+    )
+    if config["reuse_first_steps"] and row.plain_first_step and twin and ORDER.index(step) == 0:
+        return model_dir(twin, step, seed)
+    return None
+
+
+REUSED_FIRST = [m for m in SEQUENTIAL if reused_first_step(m, ORDER[0]) is not None]
+
+
+def get_reused_first_step_files(wildcards):
+    method, seed = split_run(wildcards.method)
+    source = reused_first_step(method, wildcards.step, seed)
+    return [f"{source}/{name}" for name in ("model.safetensors", "model.json", "train_log.parquet")]
+
+
 def get_teacher_file(wildcards):
     method, seed = split_run(wildcards.method)
     if method in KGRFT:

@@ -63,6 +63,36 @@ use rule train_full_ft as train_teacher with:
         work=f"{RESULTS}/work/{{method}}/{{step}}/teacher",
 
 
+# the first step of sequential FT, EWC and LwF, when it is parallel FT's first-step job (config
+# reuse_first_steps; common.smk's reused_first_step): copied, not trained again
+rule reuse_first_step:
+    input:
+        files=get_reused_first_step_files,
+    output:
+        model=f"{RESULTS}/runs/{{method}}/{{step}}/model.safetensors",
+        spec=f"{RESULTS}/runs/{{method}}/{{step}}/model.json",
+        log_table=f"{RESULTS}/runs/{{method}}/{{step}}/train_log.parquet",
+        record=f"{RESULTS}/runs/{{method}}/{{step}}/reused_from.json",
+    log:
+        "logs/train/{method}/{step}_reused.log",
+    wildcard_constraints:
+        method=alternatives(runs_of(REUSED_FIRST)),
+        step=ORDER[0],
+    conda:
+        "../../envs/segadapt.yaml"
+    localrule: True
+    params:
+        code=code_hash("reuse"),
+        source=lambda wildcards, input: shell_args(Path(input.files[0]).parent),
+        out=output_dir("model"),
+    shell:
+        "python -m stages.reuse --source {params.source} --out {params.out:q}"
+        " --why 'plain full FT of M0 on the first task: the same job as parallel FT' > {log} 2>&1"
+
+
+ruleorder: reuse_first_step > train_full_ft
+
+
 # online EWC's diagonal Fisher of a step's model on its task's training data, accumulated over the
 # chain's earlier steps (read by the next step's training)
 rule estimate_fisher:
