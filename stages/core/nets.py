@@ -620,11 +620,15 @@ def load_model(folder: Path) -> FoundationNet:
     weights = folder / MODEL_WEIGHTS
     if not weights.is_file():
         raise InputError(weights, "model weights not found")
+    arch_kwargs = dict(meta["arch_kwargs"])
+    if meta["arch"] == "unet":
+        # a unet saved before ``top`` existed kept MONAI's whole network (its heads read shared features)
+        arch_kwargs.setdefault("top", "shared")
     try:
         model = FoundationNet(
             meta["arch"],
             in_channels=int(meta["in_channels"]),
-            arch_kwargs=meta["arch_kwargs"],
+            arch_kwargs=arch_kwargs,
             ssl=meta["ssl"],
             heads={k: int(v) for k, v in meta["heads"].items()},
             seed=0,  # every tensor is overwritten below; a fixed seed just avoids touching the global RNG

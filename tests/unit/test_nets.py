@@ -221,3 +221,15 @@ def test_per_head_unet_heads_are_seeded_and_group_norm_fits_their_width() -> Non
     assert groups["seg_heads.t.layer.0.adn.N"] == 2 and groups["seg_heads.u.layer.0.adn.N"] == 1
     assert groups["backbone.model.0.conv.unit0.adn.N"] == 4
     assert a.segment(torch.randn(1, 1, 12, 10, 9), "u").shape == (1, 3, 12, 10, 9)
+
+
+def test_a_unet_saved_before_top_existed_loads_as_shared(tmp_path) -> None:
+    kwargs = {"channels": [4, 8, 16], "num_res_units": 1, "norm": "instance", "top": "shared"}
+    model = FoundationNet("unet", 1, kwargs, ssl=None, heads={"t": 2}, seed=0)
+    save_model(model, tmp_path / "m", {"stage": "test"})
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    del meta["arch_kwargs"]["top"]
+    (tmp_path / "m" / "model.json").write_text(json.dumps(meta))
+    loaded = load_model(tmp_path / "m")
+    assert not loaded.per_head and loaded.decoder_dim == 4
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
