@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import re
 import subprocess
 import sys
@@ -132,12 +133,13 @@ def test_two_training_seeds_and_compute_matched_baselines_dry_run(tmp_path: Path
     expected |= {f"results/eval/multitask_ft{level}/all/metrics.parquet" for level in ("", "/seed1")}
     assert evals == expected
     jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", proc.stdout.split("Job stats:")[1].split("total")[0], flags=re.M))
-    # per seed: 4 parallel(_2x) + 2 sequential_ft_2x + 2 EWC + 2 LwF + 2 transfer full-FT jobs (and EWC's
-    # Fisher of its first step); 2 + 2 teachers; 2 multi-task;
+    # per seed: 4 parallel(_2x) + 1 sequential_ft_2x + 1 EWC + 1 LwF + 2 transfer full-FT jobs (the first
+    # step of sequential_ft_2x is parallel_ft_2x's, EWC's and LwF's parallel_ft's: reuse_first_steps; and
+    # EWC's Fisher of its first step); 2 + 2 teachers; 2 multi-task;
     # ASSFT: 3 strategies (dkd_asd, random, fg_random) x 2 rounds, each round model evaluated, plus DKD+ASD's
     # semi-supervised model and its equal-steps control
     assert {k: int(v) for k, v in jobs.items() if k.startswith(("train_", "evaluate_", "merge"))} == {
-        "train_full_ft": 24,
+        "train_full_ft": 18,
         "train_teacher": 8,
         "train_retention": 4,
         "train_retention_full": 4,
@@ -150,7 +152,15 @@ def test_two_training_seeds_and_compute_matched_baselines_dry_run(tmp_path: Path
         "evaluate_active_model": 16,
     }
     assert int(jobs["estimate_fisher"]) == 2  # the first step's Fisher, per seed
+    assert int(jobs["reuse_first_step"]) == 6
     cmds = proc.stdout.splitlines()
+    reused = [c for c in cmds if c.startswith("python -m stages.reuse")]
+    assert len(reused) == 6 and any(
+        "--source results/runs/parallel_ft_2x/seed1/organ_lesion --out results/runs/sequential_ft_2x/seed1/organ_lesion"
+        in c
+        for c in reused
+    )
+    assert any("--source results/runs/parallel_ft/organ_lesion --out results/runs/ewc/organ_lesion" in c for c in reused)
     teacher = [c for c in cmds if "--out results/runs/medseqft/seed1/paired_organs/teacher " in c]
     # seed 1's chain: M_1 of seed 1, trained under seed 1
     assert teacher and "--init results/runs/medseqft/seed1/organ_lesion " in teacher[0] and '"seed":1' in teacher[0]
@@ -230,6 +240,13 @@ def test_ewc_and_lwf_are_in_the_summary_and_the_forgetting_table(run: Path) -> N
     forgetting = pd.read_parquet(summary / "forgetting.parquet")
     assert set(forgetting.loc[forgetting["method"] == "ewc", "task"]) == {"organ_lesion", "paired_organs"}
     assert "| ewc |" in (summary / "summary.md").read_text()
+    # their first step is parallel FT's first model, copied byte for byte and said so (reuse_first_steps)
+    runs = run / "results" / "runs"
+    for method in ("ewc", "lwf"):
+        record = json.loads((runs / method / "organ_lesion" / "reused_from.json").read_text())
+        assert record["source"] == "results/runs/parallel_ft/organ_lesion"
+        copied = (runs / method / "organ_lesion" / "model.safetensors").read_bytes()
+        assert copied == (runs / "parallel_ft" / "organ_lesion" / "model.safetensors").read_bytes()
     fisher = run / "results" / "runs" / "ewc" / "organ_lesion" / "fisher" / "fisher.safetensors"
     inputs = read_provenance(run / "results" / "runs" / "ewc" / "paired_organs" / "model.safetensors")["inputs"]
     assert any(k.endswith("ewc/organ_lesion/fisher/fisher.safetensors") for k in inputs) and fisher.is_file()

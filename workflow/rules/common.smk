@@ -282,9 +282,20 @@ def reused_first_step(method, step, seed=None):
     """
     row = METHOD[method]
     twin = next(
-        (m for m in PARALLEL if METHOD[m].recipe == "finetune" and METHOD[m].step_factor == row.step_factor), None
+        (
+            m
+            for m in PARALLEL
+            if METHOD[m].recipe == "finetune"
+            and METHOD[m].step_factor == row.step_factor
+        ),
+        None,
     )
-    if config["reuse_first_steps"] and row.plain_first_step and twin and ORDER.index(step) == 0:
+    if (
+        config["reuse_first_steps"]
+        and row.plain_first_step
+        and twin
+        and ORDER.index(step) == 0
+    ):
         return model_dir(twin, step, seed)
     return None
 
@@ -295,7 +306,10 @@ REUSED_FIRST = [m for m in SEQUENTIAL if reused_first_step(m, ORDER[0]) is not N
 def get_reused_first_step_files(wildcards):
     method, seed = split_run(wildcards.method)
     source = reused_first_step(method, wildcards.step, seed)
-    return [f"{source}/{name}" for name in ("model.safetensors", "model.json", "train_log.parquet")]
+    return [
+        f"{source}/{name}"
+        for name in ("model.safetensors", "model.json", "train_log.parquet")
+    ]
 
 
 def get_teacher_file(wildcards):

@@ -75,12 +75,16 @@ rule reuse_first_step:
         record=f"{RESULTS}/runs/{{method}}/{{step}}/reused_from.json",
     log:
         "logs/train/{method}/{step}_reused.log",
+    benchmark:
+        "benchmarks/train/{method}/{step}_reused.tsv"
     wildcard_constraints:
         method=alternatives(runs_of(REUSED_FIRST)),
         step=ORDER[0],
+    localrule: True
     conda:
         "../../envs/segadapt.yaml"
-    localrule: True
+    resources:
+        mem_mb=memory_mb(1000),
     params:
         code=code_hash("reuse"),
         source=lambda wildcards, input: shell_args(Path(input.files[0]).parent),
