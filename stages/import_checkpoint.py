@@ -217,7 +217,10 @@ def _heads_in(state: Mapping[str, torch.Tensor]) -> tuple[list[str], dict[str, i
             continue
         if parts[2:] == ["weight"]:  # a 1x1x1 conv head: (classes, in, 1, 1, 1)
             seg[parts[1]] = int(v.shape[0])
-        elif parts[2:] in (["layer", "0", "conv", "weight"], ["layer", "conv", "weight"]):  # per-head unet: (in, classes, ...)
+        elif parts[2:] in (
+            ["layer", "0", "conv", "weight"],
+            ["layer", "conv", "weight"],
+        ):  # per-head unet: (in, classes, ...)
             seg[parts[1]] = int(v.shape[1])
     return ssl, seg
 

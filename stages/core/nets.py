@@ -319,7 +319,9 @@ class FoundationNet(nn.Module):
             if top not in UNET_TOPS:
                 raise ValueError(f"unet top must be one of {list(UNET_TOPS)}, got {top!r}")
             if top == "per_head" and "decoder_channels" in kwargs:
-                raise ValueError("unet decoder_channels applies to top 'shared' only (per_head heads read 2 x channels[0])")
+                raise ValueError(
+                    "unet decoder_channels applies to top 'shared' only (per_head heads read 2 x channels[0])"
+                )
             decoder = int(kwargs.pop("decoder_channels", channels[0]))
             if decoder < 1:
                 raise ValueError(f"unet decoder_channels must be >= 1, got {decoder}")
@@ -372,7 +374,7 @@ class FoundationNet(nn.Module):
     # ---- heads -------------------------------------------------------------------------------------
     per_head = False  # a unet whose top up layer is each head's own (``arch_kwargs.top: per_head``)
 
-    def _up_head(self, out_channels: int) -> "UpHead":
+    def _up_head(self, out_channels: int) -> UpHead:
         """MONAI UNet's top up layer writing ``out_channels``, on the half-resolution decoder features.
 
         Built by MONAI's own ``UNet._get_up_layer``, so it is exactly a plain UNet's last layer; only a

@@ -160,7 +160,9 @@ def test_two_training_seeds_and_compute_matched_baselines_dry_run(tmp_path: Path
         in c
         for c in reused
     )
-    assert any("--source results/runs/parallel_ft/organ_lesion --out results/runs/ewc/organ_lesion" in c for c in reused)
+    assert any(
+        "--source results/runs/parallel_ft/organ_lesion --out results/runs/ewc/organ_lesion" in c for c in reused
+    )
     teacher = [c for c in cmds if "--out results/runs/medseqft/seed1/paired_organs/teacher " in c]
     # seed 1's chain: M_1 of seed 1, trained under seed 1
     assert teacher and "--init results/runs/medseqft/seed1/organ_lesion " in teacher[0] and '"seed":1' in teacher[0]
