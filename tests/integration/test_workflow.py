@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import subprocess
 import sys
@@ -73,6 +74,25 @@ def test_snakemake_refuses_what_validate_config_refuses(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert f"segadapt: error: {err.value}" in proc.stdout + proc.stderr
     assert not (work / "results").exists()
+
+
+def test_the_workflow_hashes_and_runs_its_own_stages_package(tmp_path: Path) -> None:
+    """Another `stages` earlier on the path (an install of another clone) is not what the code hash reads
+    or what the jobs import: the Snakefile puts its repository first, for itself and the jobs."""
+    shadow = tmp_path / "shadow" / "stages"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('the shadow stages package was imported')\n")
+    work = make_workdir(tmp_path / "w")
+    # jobs call `python`: this interpreter's, as in an activated virtualenv
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "PYTHONPATH": str(shadow.parent), "PATH": path}
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "-d", str(work), "--cores", "1"]
+    proc = subprocess.run([*cmd, "-n"], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # a job (`python -m stages.synth`, run in the working folder) imports the repository's package too
+    proc = subprocess.run([*cmd, "demo/synth.json"], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (work / "demo" / "synth.json").is_file()
 
 
 def dry_run_outputs(work: Path, *args: str) -> list[str]:

@@ -1,9 +1,20 @@
 # Helpers shared by all .smk files - config validation, the method registry, settings for each step,
 # and input functions. Rules only wire files; the science is in the stages package.
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
+
+# The code hash in each rule's params must be the hash of the code its job runs. This repository's
+# `stages` comes first here, whatever else is installed (a regular install, or an editable install
+# of another clone, would be hashed instead), and the jobs get it first on their PYTHONPATH too (a job
+# runs `python -m stages.<step>` in the working folder, which need not be this repository).
+REPO = str(Path(workflow.basedir).resolve().parent)
+sys.path.insert(0, REPO)
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != REPO]
+)
 
 from stages.core import methods as method_registry
 from stages.core.codehash import code_hash
