@@ -13,7 +13,8 @@ from pathlib import Path
 REPO = str(Path(workflow.basedir).resolve().parent)
 sys.path.insert(0, REPO)
 os.environ["PYTHONPATH"] = os.pathsep.join(
-    [REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != REPO]
+    [REPO]
+    + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != REPO]
 )
 
 from stages.core import methods as method_registry
