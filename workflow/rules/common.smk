@@ -12,9 +12,8 @@ from pathlib import Path
 # runs `python -m stages.<step>` in the working folder, which need not be this repository).
 REPO = str(Path(workflow.basedir).resolve().parent)
 sys.path.insert(0, REPO)
-_ENV = (
-    os.environ
-)  # read and set directly: PYTHONPATH is optional, not a required envvar
+# (through a name: PYTHONPATH is optional here, not an envvar the workflow requires)
+_ENV = os.environ
 _ENV["PYTHONPATH"] = os.pathsep.join(
     [REPO]
     + [p for p in _ENV.get("PYTHONPATH", "").split(os.pathsep) if p and p != REPO]
