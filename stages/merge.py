@@ -2,7 +2,9 @@
 
 The last step of MedSeqFT's K&G RFT for one task (Ye et al., arXiv 2509.06096): the merged model
 carries the earlier tasks' heads unchanged and the new task's head trained with the adapter. The
-merge itself is PEFT's ``merge_and_unload`` (through :func:`stages.core.lora.merge_lora`).
+merge is :func:`stages.core.lora.merge_adapter_folder`: PEFT's arithmetic on PEFT's files, bit-identical
+to PEFT's ``merge_and_unload`` (unit-tested) without importing PEFT and Hugging Face ``transformers``
+(most of a merge job's start-up).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 from stages.core.errors import InputError, run_cli
 from stages.core.io import make_provenance, read_json
 from stages.core.log import stage_log
-from stages.core.lora import load_adapter, merge_lora
+from stages.core.lora import merge_adapter_folder
 from stages.core.nets import load_model, model_id, save_model
 from stages.core.settings import add_settings_argument
 
@@ -34,7 +36,7 @@ def run(base: Path, adapter: Path, out: Path, settings: dict[str, Any] | None = 
         raise InputError(base / "model.json", f"already has a head {task!r}; the adapter adds that head")
     # the head's weights come from the adapter (PEFT modules_to_save); its initial values do not matter
     model.add_head(task, num_classes)
-    merged = merge_lora(load_adapter(model, adapter))
+    merged = merge_adapter_folder(model, adapter)
     prov = make_provenance(
         "merge",
         settings or {},

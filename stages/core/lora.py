@@ -1,8 +1,11 @@
 """LoRA for the foundation network through PEFT: target choice, injection, adapter files, and the merge.
 
 MedSeqFT's retention stage (``methods.md`` §1, step 2) freezes M_{t-1}, adds low-rank adapters
-(Hu et al., ICLR 2022: ``W + (alpha / r) B A``) and trains them together with the task head; step 3
-folds them into the weights with PEFT's own ``merge_and_unload``. Nothing here re-implements LoRA.
+(Hu et al., ICLR 2022: ``W + (alpha / r) B A``) and trains them together with the task head with PEFT;
+step 3 folds them into the weights. The training side is PEFT's; the merge of a saved adapter folder
+(:func:`merge_adapter_folder`, what the merge stage runs) reads PEFT's files and folds them with PEFT's
+own arithmetic without importing PEFT, which imports Hugging Face ``transformers`` (~5 s of a merge
+job's ~7 s on a quiet CPU); a unit test holds it bit-identical to PEFT's ``merge_and_unload``.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 from torch import nn
 
 from stages.core.errors import InputError
-from stages.core.io import read_json, save_json, save_safetensors
+from stages.core.io import load_safetensors, read_json, save_json, save_safetensors
 from stages.core.nets import FoundationNet
 
 __all__ = [
@@ -26,6 +29,7 @@ __all__ = [
     "count_trainable",
     "load_adapter",
     "lora_targets",
+    "merge_adapter_folder",
     "merge_lora",
     "lora_param_groups",
     "norm_modules",
@@ -323,3 +327,93 @@ def merge_lora(peft_model: Any) -> FoundationNet:
     for p in merged.parameters():
         p.requires_grad_(True)
     return merged
+
+
+# adapter_config.json keys whose non-default values change what the merge must do: refused, never written
+_MERGE_DEFAULTS: dict[str, Any] = {
+    "peft_type": "LORA",
+    "use_dora": False,
+    "use_rslora": False,
+    "lora_bias": False,
+    "fan_in_fan_out": False,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "layer_replication": None,
+}
+_PREFIX = "base_model.model."
+
+
+def merge_adapter_folder(base_model: FoundationNet, folder: Path) -> FoundationNet:
+    """Fold a saved adapter folder into ``base_model`` in place, without importing PEFT; returns it.
+
+    The same result as ``merge_lora(load_adapter(base_model, folder))``, bit for bit (unit-tested): each
+    target's ``W += delta * (alpha / r)`` with PEFT 0.21's delta (``B @ A`` for ``nn.Linear``; for
+    convolutions ``conv(A^T, B)^T``, or ``B @ A`` on a 1 x 1 kernel), and every other saved tensor (the
+    ``modules_to_save`` heads and norms, ``bias="all"`` biases) copied over the base's. Adapter options
+    this project never writes (DoRA, rsLoRA, LoRA biases, per-module rank or alpha) are refused.
+
+    Args:
+        base_model: the network the adapter was trained on, with the adapter's task head added.
+        folder: folder written by :func:`save_adapter`.
+
+    Raises:
+        InputError: a missing file, an unsupported option, or a tensor the base model lacks or
+            shapes differently (naming the file).
+    """
+    folder = Path(folder)
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (folder / name).is_file():
+            raise InputError(folder / name, "adapter file not found (expected a folder from save_adapter)")
+    cfg_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    cfg = read_json(cfg_path)
+    for key, default in _MERGE_DEFAULTS.items():
+        value = cfg.get(key)
+        if value != default and (key == "peft_type" or value):
+            raise InputError(cfg_path, f"{key} = {value!r} is not supported by the merge (expected {default!r})")
+    r = int(cfg["r"])
+    if r < 1:
+        raise InputError(cfg_path, f"LoRA rank r must be >= 1, got {r}")
+    scaling = cfg["lora_alpha"] / r
+    targets = cfg.get("target_modules") or []
+    modules = dict(base_model.named_modules())
+    missing = sorted(t for t in targets if t not in modules) if isinstance(targets, list) else [str(targets)]
+    if missing:
+        raise InputError(cfg_path, f"target modules not in the base model: {missing}")
+    state = load_safetensors(weights_path)
+    params = dict(base_model.named_parameters())
+    lora: dict[str, dict[str, torch.Tensor]] = {}
+    with torch.no_grad():
+        for key, tensor in state.items():
+            if ".original_module." in key:
+                continue  # bias="all" also saves the frozen original of a modules_to_save copy: the merge drops it
+            name = key.removeprefix(_PREFIX).replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
+            for part in ("lora_A", "lora_B"):
+                if name.endswith(f".{part}.weight"):
+                    lora.setdefault(name.removesuffix(f".{part}.weight"), {})[part] = tensor
+                    break
+            else:
+                if name not in params or params[name].shape != tensor.shape:
+                    raise InputError(weights_path, f"tensor {key!r} {tuple(tensor.shape)} does not fit the base model")
+                params[name].copy_(tensor)
+        if sorted(lora) != sorted(targets) or any(len(pair) != 2 for pair in lora.values()):
+            raise InputError(weights_path, f"LoRA pairs {sorted(lora)} do not match target_modules {sorted(targets)}")
+        for target, pair in lora.items():
+            layer, a, b = modules[target], pair["lora_A"], pair["lora_B"]
+            weight = getattr(layer, "weight", None)
+            if not isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or weight is None:
+                raise InputError(cfg_path, f"target {target!r} is a {type(layer).__name__}: no LoRA merge for it")
+            if isinstance(layer, nn.Linear):
+                delta = (b @ a) * scaling
+            elif weight.size()[2:4] == (1, 1):
+                delta = (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3) * scaling
+            else:
+                conv = {1: nn.functional.conv1d, 2: nn.functional.conv2d, 3: nn.functional.conv3d}[weight.dim() - 2]
+                delta = conv(a.transpose(0, 1), b).transpose(0, 1) * scaling
+            if delta.shape != weight.shape:
+                raise InputError(
+                    weights_path, f"LoRA pair of {target!r} gives {tuple(delta.shape)}, weight {tuple(weight.shape)}"
+                )
+            weight.data += delta.to(weight.dtype)
+    for p in base_model.parameters():
+        p.requires_grad_(True)
+    return base_model

@@ -289,3 +289,48 @@ def test_param_groups_and_norms_and_biases_round_trip(tmp_path) -> None:
         assert torch.allclose(reloaded.segment(x, "new"), expected, atol=1e-6)
         merged = merge_lora(reloaded).eval()
         assert torch.allclose(merged.segment(x, "new"), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["basicunet", "swinunetr", "unet"])
+@pytest.mark.parametrize("extra", [{}, {"train_norms": True}, {"train_biases": True}])
+def test_merge_without_peft_is_bit_identical_to_peft(arch: str, extra: dict, tmp_path) -> None:
+    """The merge stage's PEFT-free fold of an adapter folder equals PEFT's merge_and_unload bit for bit."""
+    from stages.core.lora import merge_adapter_folder
+
+    peft_model = add_lora(_BUILD[arch](), rank=4, alpha=8, train_heads=["new"], **extra)
+    _randomise_lora_b(peft_model)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():  # move what trains besides LoRA (head, norms, biases) so copying them matters
+        for name, p in peft_model.named_parameters():
+            if p.requires_grad and "lora_" not in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    save_adapter(peft_model, tmp_path / "ad")
+    expected = merge_lora(load_adapter(_BUILD[arch](), tmp_path / "ad")).state_dict()
+    ours = merge_adapter_folder(_BUILD[arch](), tmp_path / "ad")
+    assert type(ours) is FoundationNet and all(p.requires_grad for p in ours.parameters())
+    got = ours.state_dict()
+    assert set(got) == set(expected)
+    changed = [k for k in got if not torch.equal(got[k], _BUILD[arch]().state_dict()[k])]
+    assert any("seg_heads.new" in k for k in changed) and any(k.startswith("backbone.") for k in changed)
+    assert [k for k in got if not torch.equal(got[k], expected[k])] == []
+
+
+def test_merge_without_peft_refuses_what_it_cannot_fold(tmp_path) -> None:
+    from stages.core.errors import InputError
+    from stages.core.lora import merge_adapter_folder
+
+    save_adapter(add_lora(_strided(), rank=2, alpha=2, train_heads=["new"]), tmp_path / "ad")
+    cfg_path = tmp_path / "ad" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "use_dora": True}))
+    with pytest.raises(InputError, match="use_dora"):
+        merge_adapter_folder(_strided(), tmp_path / "ad")
+    cfg_path.write_text(json.dumps({**cfg, "target_modules": [*cfg["target_modules"], "backbone.nope"]}))
+    with pytest.raises(InputError, match="not in the base model"):
+        merge_adapter_folder(_strided(), tmp_path / "ad")
+    cfg_path.write_text(json.dumps(cfg))
+    other = FoundationNet(
+        "unet", arch_kwargs={**STRIDED_UNET, "channels": [4, 8, 16]}, ssl={}, heads={"old": 2, "new": 3}
+    )
+    with pytest.raises(InputError, match="adapter_model.safetensors"):
+        merge_adapter_folder(other, tmp_path / "ad")
