@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 __all__ = [
     "ACTIVE_PREFIX",
+    "MODEL_FILES",
     "CHAINS",
     "METHODS",
     "Method",
@@ -107,6 +108,10 @@ def _kgrft(name: str, help: str, buffer: Buffer | None = "mds", lora: bool = Tru
     return Method(
         name, "sequential", "retention", help, teacher=True, buffer=buffer, lora=lora, kd=True, start="previous"
     )
+
+
+#: The files of a trained model folder that a reused step copies (``stages.reuse``, rule ``reuse_first_step``).
+MODEL_FILES = ("train_log.parquet", "model.json", "model.safetensors")
 
 
 #: Every method, in the order the workflow lists (and evaluates) them.

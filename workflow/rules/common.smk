@@ -320,10 +320,7 @@ REUSED_FIRST = [m for m in SEQUENTIAL if reused_first_step(m, ORDER[0]) is not N
 def get_reused_first_step_files(wildcards):
     method, seed = split_run(wildcards.method)
     source = reused_first_step(method, wildcards.step, seed)
-    return [
-        f"{source}/{name}"
-        for name in ("model.safetensors", "model.json", "train_log.parquet")
-    ]
+    return [f"{source}/{name}" for name in method_registry.MODEL_FILES]
 
 
 def get_teacher_file(wildcards):
