@@ -11,8 +11,8 @@ Dice, which is what the choice reads. The test Dice of the selected model (``ben
                                    [--lora] [--lora-lr 0.01 0.03] [--seed 0]
 
 ``DIR`` is a folder where ``snakemake --configfile examples/hippocampus_study.yaml`` has run (it reads
-``results/foundation``, ``results/data/<task>`` and the settings recorded in parallel FT's
-``model.json``). Each line: ``lr X (lora_lr Y): val best B at step S, test T, N s | val curve``.
+``results/foundation``, ``results/data/<task>`` and the settings recorded in the provenance of parallel
+FT's ``model.json`` and parallel LoRA's ``adapter/run.json``). Each line: ``lr X (lora_lr Y): val best B at step S, test T, N s | val curve``.
 Measured (study M0, seed 0, 400 steps, batch 8): full FT anterior val 0.829 (lr 1e-3) / 0.853 (3e-3),
 posterior 0.835 at 3e-3; LoRA (head 3e-3) anterior val 0.839 at lora_lr 1e-2 and at 3e-2.
 """
@@ -41,30 +41,14 @@ from stages.core.nets import load_model
 
 __all__ = ["main"]
 
-# the retention recipe's keys beyond the finetune ones, as parallel LoRA runs them (no teacher, no buffer)
-PARALLEL_LORA = {
-    "buffer_batch_size": 2,
-    "grad_log_every": 10,
-    "kd_background_share": 0.2,
-    "kd_dilation": 2,
-    "kd_kind": "kl",
-    "kd_mask": "foreground",
-    "kd_temperature": 2.0,
-    "kd_weight": 0.0,
-    "lwf_weight": 0.0,
-    "retention_levels": "all",
-    "retention_scale": "channel",
-    "retention_weight": 0.0,
-}
 
-
-def _one(study: Path, task: str, settings: dict, lora: dict | None, where: Path) -> tuple[float, int, dict, float]:
+def _one(study: Path, task: str, settings: dict, retention: dict | None, where: Path) -> tuple[float, int, dict, float]:
     from stages.merge import run as merge_run
     from stages.train import run as train_run
 
     data, m0 = study / "results" / "data" / task, study / "results" / "foundation"
     started = time.perf_counter()
-    if lora is None:
+    if retention is None:  # full FT; else parallel LoRA's retention-recipe settings
         train_run("finetune", m0, [data], [task], where / "model", where / "work", settings)
         log_dir = where / "model"
     else:
@@ -75,7 +59,7 @@ def _one(study: Path, task: str, settings: dict, lora: dict | None, where: Path)
             [task],
             where / "adapter",
             where / "work",
-            {**settings, **PARALLEL_LORA, "lora": lora},
+            {**retention, "lr": settings["lr"]},
         )
         merge_run(m0, where / "adapter", where / "model")
         log_dir = where / "adapter"
@@ -103,15 +87,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     print(load_line(), "| 1 thread", flush=True)
-    recorded = read_json(args.study / "results" / "runs" / "parallel_ft" / args.task / "model.json")
-    base = {**recorded["provenance"]["settings"], "steps": args.steps, "seed": args.seed}
-    lora_base = {"alpha": 4, "dropout": 0.0, "enabled": True, "init": "zero", "rank": 4, "targets": None}
-    lora_base |= {"train_biases": False, "train_norms": False}
+    runs_dir = args.study / "results" / "runs"
+    # the settings the study's own jobs ran with (their provenance), the swept keys replaced
+    base = {**read_json(runs_dir / "parallel_ft" / args.task / "model.json")["provenance"]["settings"]}
+    base |= {"steps": args.steps, "seed": args.seed}
+    lora_run = read_json(runs_dir / "parallel_lora" / args.task / "adapter" / "run.json")["provenance"]["settings"]
     runs = [(lr, None) for lr in args.lr] if not args.lora else [(lr, x) for lr in args.lr for x in args.lora_lr]
     for lr, lora_lr in runs:
         with tempfile.TemporaryDirectory(prefix="study_lr_sweep_") as tmp:
-            lora = None if lora_lr is None else {**lora_base, "lr": lora_lr}
-            test, best, curve, secs = _one(args.study, args.task, {**base, "lr": lr}, lora, Path(tmp))
+            retention = None if lora_lr is None else {**lora_run, **base, "lora": {**lora_run["lora"], "lr": lora_lr}}
+            test, best, curve, secs = _one(args.study, args.task, {**base, "lr": lr}, retention, Path(tmp))
         tag = f"lr {lr:g}" + ("" if lora_lr is None else f" (lora_lr {lora_lr:g})")
         print(
             f"{tag}: val best {curve[best]:.3f} at step {best}, test {test:.4f}, {secs:.0f} s | {json.dumps(curve)}",
