@@ -39,6 +39,11 @@ RUNTIME = _names(PROJECT["dependencies"])
 EXTRAS = {extra: _names(reqs) for extra, reqs in PROJECT["optional-dependencies"].items()}
 
 
+# the project's own modules: the package, and the scripts under bench/, tools/ and tests/ that import one
+# another from their folder (bench/study_lr_sweep.py imports bench/bench_supervised.py)
+LOCAL_MODULES = {"stages"} | {p.stem for folder in ("bench", "tools", "tests") for p in (REPO / folder).rglob("*.py")}
+
+
 def third_party_imports(path: Path) -> dict[str, list[tuple[int, bool]]]:
     """``{top-level module: [(line, at module level?), ...]}`` of the non-stdlib, non-project imports."""
     tree = ast.parse(path.read_text(), filename=str(path))
@@ -53,7 +58,7 @@ def third_party_imports(path: Path) -> dict[str, list[tuple[int, bool]]]:
             continue
         for module in modules:
             name = module.split(".")[0]
-            if name in sys.stdlib_module_names or name in {"stages", "_common", "conftest", "slurm_cluster"}:
+            if name in sys.stdlib_module_names or name in LOCAL_MODULES:
                 continue
             if name.startswith("test_"):
                 continue
