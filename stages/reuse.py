@@ -25,8 +25,7 @@ from stages.core.io import atomic_path, make_provenance, save_json, sha256_file
 from stages.core.log import stage_log
 from stages.core.methods import MODEL_FILES
 
-#: The files of a trained model folder that a reused step consists of, in the order they are written
-#: (the weights last, so a model.safetensors never stands without its description).
+#: The files a reused step consists of, in the order they are written (see MODEL_FILES).
 FILES = MODEL_FILES
 RECORD = "reused_from.json"
 

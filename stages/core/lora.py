@@ -303,16 +303,23 @@ def load_adapter(base_model: FoundationNet, folder: Path, is_trainable: bool = F
     from peft import PeftModel
 
     folder = Path(folder)
+    _read_adapter_config(base_model, folder)
+    return PeftModel.from_pretrained(base_model, str(folder), is_trainable=is_trainable)
+
+
+def _read_adapter_config(base_model: FoundationNet, folder: Path) -> dict[str, Any]:
+    """``adapter_config.json`` of a :func:`save_adapter` folder, once both files are there and every target
+    module is in ``base_model`` (else :class:`InputError` naming the file)."""
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (folder / name).is_file():
             raise InputError(folder / name, "adapter file not found (expected a folder from save_adapter)")
-    cfg = read_json(folder / ADAPTER_CONFIG)
+    cfg: dict[str, Any] = read_json(folder / ADAPTER_CONFIG)
     known = dict(base_model.named_modules())
     targets = cfg.get("target_modules") or []
     missing = sorted(t for t in targets if t not in known) if isinstance(targets, list) else []
     if missing:
         raise InputError(folder / ADAPTER_CONFIG, f"target modules not in the base model: {missing}")
-    return PeftModel.from_pretrained(base_model, str(folder), is_trainable=is_trainable)
+    return cfg
 
 
 def merge_lora(peft_model: Any) -> FoundationNet:
@@ -361,11 +368,8 @@ def merge_adapter_folder(base_model: FoundationNet, folder: Path) -> FoundationN
             shapes differently (naming the file).
     """
     folder = Path(folder)
-    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-        if not (folder / name).is_file():
-            raise InputError(folder / name, "adapter file not found (expected a folder from save_adapter)")
+    cfg = _read_adapter_config(base_model, folder)
     cfg_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
-    cfg = read_json(cfg_path)
     for key, default in _MERGE_DEFAULTS.items():
         value = cfg.get(key)
         if value != default and (key == "peft_type" or value):
@@ -375,10 +379,9 @@ def merge_adapter_folder(base_model: FoundationNet, folder: Path) -> FoundationN
         raise InputError(cfg_path, f"LoRA rank r must be >= 1, got {r}")
     scaling = cfg["lora_alpha"] / r
     targets = cfg.get("target_modules") or []
+    if not isinstance(targets, list):
+        raise InputError(cfg_path, f"target_modules = {targets!r} is not supported by the merge (expected a list)")
     modules = dict(base_model.named_modules())
-    missing = sorted(t for t in targets if t not in modules) if isinstance(targets, list) else [str(targets)]
-    if missing:
-        raise InputError(cfg_path, f"target modules not in the base model: {missing}")
     state = load_safetensors(weights_path)
     params = dict(base_model.named_parameters())
     lora: dict[str, dict[str, torch.Tensor]] = {}

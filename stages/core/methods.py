@@ -110,7 +110,8 @@ def _kgrft(name: str, help: str, buffer: Buffer | None = "mds", lora: bool = Tru
     )
 
 
-#: The files of a trained model folder that a reused step copies (``stages.reuse``, rule ``reuse_first_step``).
+#: The files of a trained model folder that a reused step copies (``stages.reuse``, rule ``reuse_first_step``),
+#: in the order they are written (the weights last, so a model.safetensors never stands without its description).
 MODEL_FILES = ("train_log.parquet", "model.json", "model.safetensors")
 
 
