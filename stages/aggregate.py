@@ -44,8 +44,11 @@ __all__ = [
     "summary_table",
     "sequential_matrix",
     "backward_transfer",
+    "bwt_intervals",
+    "forgetting_comparisons",
     "bootstrap_mean_ci",
     "hierarchical_bootstrap_ci",
+    "hierarchical_bootstrap_tasks",
     "seed_case_table",
     "paired_comparisons",
     "budget_table",
@@ -67,7 +70,26 @@ BUDGET_COLUMNS = ("strategy", "round", "labels", "seed", "dice")
 LOG_STAGES = ("train", "teacher", "adapter", "pretrain")
 
 FORGETTING_COLUMNS = ["method", "step", "task", "step_index", "task_index", "dice", "cases"]
-BWT_COLUMNS = ["method", "bwt", "tasks", "final_step"]
+BWT_COLUMNS = ["method", "bwt", "tasks", "final_step", "seeds", "cases", "seed_sd", "ci_low", "ci_high", "ci"]
+FORGETTING_PAIRED_COLUMNS = [
+    "reference",
+    "method",
+    "quantity",
+    "tasks",
+    "final_step",
+    "cases",
+    "mean_diff",
+    "ci_low",
+    "ci_high",
+    "ci",
+    "n_boot",
+    "seed",
+    "seeds_ref",
+    "seeds",
+    "seed_sd",
+]
+# what the forgetting comparison compares: the change on the earlier tasks, and where they end up
+FORGETTING_QUANTITIES = {"bwt": "BWT", "retained": "Dice on earlier tasks after the last step"}
 PAIRED_COLUMNS = [
     "reference",
     "method",
@@ -247,6 +269,20 @@ def _step_order(method_cases: pd.DataFrame, order: Sequence[str]) -> list[str]:
     return sorted(steps, key=lambda s: (int(width[s]), s))
 
 
+def _sequence_dice(cases: pd.DataFrame) -> pd.DataFrame:
+    dice = cases[cases["metric"] == "dice"]
+    # a step of a sequential method is named after the task it learned; other step names (the multi-task
+    # "all", active-learning rounds "round0" ...) never form R
+    return dice[dice["step"].isin(set(dice["task"]))]
+
+
+def _sequences(cases: pd.DataFrame, order: Sequence[str] = ()) -> dict[str, list[str]]:
+    """Methods that have R (evaluated after a later step on an earlier task) -> their steps in order."""
+    dice = _sequence_dice(cases)
+    seq = dice[dice["step"] != dice["task"]]
+    return {m: _step_order(dice[dice["method"] == m], order) for m in sorted(seq["method"].unique())}
+
+
 def sequential_matrix(cases: pd.DataFrame, order: Sequence[str] = ()) -> pd.DataFrame:
     """R[i, j] = mean Dice over test cases on task j with the model after step i, long format.
 
@@ -257,15 +293,10 @@ def sequential_matrix(cases: pd.DataFrame, order: Sequence[str] = ()) -> pd.Data
         cases: the per-case table of :func:`case_table`.
         order: the task order; empty = inferred (see :class:`SummarySettings`).
     """
-    dice = cases[cases["metric"] == "dice"]
-    # a step of a sequential method is named after the task it learned; other step names (the multi-task
-    # "all", active-learning rounds "round0" ...) never form R
-    dice = dice[dice["step"].isin(set(dice["task"]))]
-    seq = dice[dice["step"] != dice["task"]]
+    dice = _sequence_dice(cases)
     rows = []
-    for method in sorted(seq["method"].unique()):
+    for method, steps in _sequences(cases, order).items():
         mc = dice[dice["method"] == method]
-        steps = _step_order(mc, order)
         for i, step in enumerate(steps):
             for j, task in enumerate(steps[: i + 1]):
                 cell = mc[(mc["step"] == step) & (mc["task"] == task)]["value"]
@@ -304,7 +335,7 @@ def backward_transfer(forgetting: pd.DataFrame) -> pd.DataFrame:
         bwt = float(np.mean([r[(n, j)] - r[(j, j)] for j in range(n)]))
         final = grp[grp["step_index"] == n]["step"].iloc[0]
         rows.append({"method": method, "bwt": bwt, "tasks": n + 1, "final_step": final})
-    return pd.DataFrame(rows, columns=BWT_COLUMNS)
+    return pd.DataFrame(rows, columns=BWT_COLUMNS[:4])
 
 
 def _stream(seed: int, *names: str) -> np.random.Generator:
@@ -362,19 +393,53 @@ def hierarchical_bootstrap_ci(
         (mean difference, interval low, interval high, sample sd over seeds of the per-seed mean difference;
         NaN unless the seeds are paired and there are several).
     """
-    r, o = np.asarray(ref, dtype=np.float64), np.asarray(other, dtype=np.float64)
-    if r.ndim != 2 or o.ndim != 2 or r.shape[1] != o.shape[1] or r.shape[1] == 0:
-        raise ValueError(f"ref and other must be (seeds, cases) with the same cases, got {r.shape} and {o.shape}")
+    return hierarchical_bootstrap_tasks([ref], [other], n_boot, ci, rng, paired_seeds, case_resampling)
+
+
+def hierarchical_bootstrap_tasks(
+    ref: Sequence[np.ndarray],
+    other: Sequence[np.ndarray],
+    n_boot: int,
+    ci: float,
+    rng: np.random.Generator,
+    paired_seeds: bool = True,
+    case_resampling: str = "shared",
+) -> tuple[float, float, float, float]:
+    """:func:`hierarchical_bootstrap_ci` of a mean over tasks: each task weighs the same, whatever its cases.
+
+    The quantity is mean over tasks k of (mean over seeds and cases of ``ref[k] − other[k]``), as BWT
+    averages R[n, j] − R[j, j] over the earlier tasks j. A resample draws the seeds once (the same seeds
+    for every task: they are the same runs) and each task's test cases on their own. With one task this
+    is :func:`hierarchical_bootstrap_ci`, draw for draw.
+
+    Args:
+        ref, other: one (seeds, cases_k) matrix per task; every task's matrices have the same seed rows.
+        n_boot, ci, rng, paired_seeds, case_resampling: as :func:`hierarchical_bootstrap_ci`.
+    """
+    if len(ref) != len(other) or not ref:
+        raise ValueError(f"ref and other need one matrix per task, got {len(ref)} and {len(other)}")
+    r = [np.asarray(m, dtype=np.float64) for m in ref]
+    o = [np.asarray(m, dtype=np.float64) for m in other]
+    for a, b in zip(r, o):
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or a.shape[1] == 0:
+            raise ValueError(f"ref and other must be (seeds, cases) with the same cases, got {a.shape} and {b.shape}")
+    if len({a.shape[0] for a in r}) != 1 or len({b.shape[0] for b in o}) != 1:
+        raise ValueError("every task's matrix must hold the same seeds")
     if case_resampling not in CASE_RESAMPLING:
         raise ValueError(f"case_resampling must be one of {CASE_RESAMPLING}, got {case_resampling!r}")
-    if paired_seeds and r.shape[0] != o.shape[0]:
-        raise ValueError(f"paired seeds need as many seeds on both sides, got {r.shape[0]} and {o.shape[0]}")
-    n_cases = r.shape[1]
+    n_ref, n_other = r[0].shape[0], o[0].shape[0]
+    if paired_seeds and n_ref != n_other:
+        raise ValueError(f"paired seeds need as many seeds on both sides, got {n_ref} and {n_other}")
     alpha = (1.0 - ci) / 2.0
-    if r.shape[0] == 1 and o.shape[0] == 1:
-        diffs = r[0] - o[0]
-        low, high = bootstrap_mean_ci(diffs, n_boot, ci, rng)
-        return float(diffs.mean()), low, high, float("nan")
+    if n_ref == 1 and n_other == 1:
+        diffs = [a[0] - b[0] for a, b in zip(r, o)]
+        per_task = []
+        for d in diffs:
+            idx = rng.integers(0, d.size, size=(n_boot, d.size))
+            per_task.append(d[idx].mean(axis=1))
+        means = np.mean(per_task, axis=0)
+        low, high = np.quantile(means, [alpha, 1.0 - alpha])
+        return float(np.mean([d.mean() for d in diffs])), float(low), float(high), float("nan")
 
     def draw_seeds(n_seeds: int) -> np.ndarray:
         return rng.integers(0, n_seeds, size=(n_boot, n_seeds))
@@ -386,24 +451,27 @@ def hierarchical_bootstrap_ci(
             np.add.at(weights, (np.arange(n_boot)[:, None], seeds), 1.0 / seeds.shape[1])
             per_case = weights @ values  # (n_boot, cases): mean over the drawn seeds
             return np.take_along_axis(per_case, cases, axis=1).mean(axis=1)
+        n_cases = values.shape[1]
         within = rng.integers(0, n_cases, size=(*seeds.shape, n_cases))
         return values[seeds[:, :, None], within].mean(axis=(1, 2))
 
+    def case_draw(n_cases: int) -> np.ndarray | None:
+        return rng.integers(0, n_cases, size=(n_boot, n_cases)) if case_resampling == "shared" else None
+
     if paired_seeds:
-        d = r - o
-        seeds = draw_seeds(d.shape[0])
-        cases = rng.integers(0, n_cases, size=(n_boot, n_cases)) if case_resampling == "shared" else None
-        means = resampled(d, seeds, cases)
-        per_seed = d.mean(axis=1)
-        point, seed_sd = float(d.mean()), float(per_seed.std(ddof=1))
+        d = [a - b for a, b in zip(r, o)]
+        seeds = draw_seeds(n_ref)
+        means = np.mean([resampled(dk, seeds, case_draw(dk.shape[1])) for dk in d], axis=0)
+        per_seed = np.mean([dk.mean(axis=1) for dk in d], axis=0)
+        point, seed_sd = float(np.mean([dk.mean() for dk in d])), float(per_seed.std(ddof=1))
     else:
-        seeds_r, seeds_o = draw_seeds(r.shape[0]), draw_seeds(o.shape[0])
-        if case_resampling == "shared":
-            cases = rng.integers(0, n_cases, size=(n_boot, n_cases))
-            means = resampled(r, seeds_r, cases) - resampled(o, seeds_o, cases)
-        else:
-            means = resampled(r, seeds_r, None) - resampled(o, seeds_o, None)
-        point, seed_sd = float(r.mean() - o.mean()), float("nan")
+        seeds_r, seeds_o = draw_seeds(n_ref), draw_seeds(n_other)
+        per_task = []
+        for a, b in zip(r, o):
+            cases = case_draw(a.shape[1])
+            per_task.append(resampled(a, seeds_r, cases) - resampled(b, seeds_o, cases))
+        means = np.mean(per_task, axis=0)
+        point, seed_sd = float(np.mean([a.mean() - b.mean() for a, b in zip(r, o)])), float("nan")
     low, high = np.quantile(means, [alpha, 1.0 - alpha])
     return point, float(low), float(high), seed_sd
 
@@ -454,6 +522,150 @@ def _steps_of(settings: SummarySettings, ref: str, other: str) -> dict[str, Any]
         "steps": -1 if theirs is None else int(theirs),
         "compute_matched": mine is not None and mine == theirs,
     }
+
+
+def _forgetting_cells(
+    seeded: pd.DataFrame, method: str, steps: Sequence[str]
+) -> tuple[list[int], dict[str, tuple[pd.DataFrame, pd.DataFrame]]] | None:
+    """Per earlier task j: Dice after the last step (R[n, j]) and after step j (R[j, j]), seed x case.
+
+    Only the seeds that have every cell, and per task the cases that every such seed has at both steps.
+    None when no seed or some task no case is left.
+    """
+    dice = seeded[(seeded["method"] == method) & (seeded["metric"] == "dice")]
+    final = steps[-1]
+    raw = {
+        task: (
+            _seed_matrix(dice[(dice["step"] == final) & (dice["task"] == task)]),
+            _seed_matrix(dice[(dice["step"] == task) & (dice["task"] == task)]),
+        )
+        for task in steps[:-1]
+    }
+    seeds = sorted(set.intersection(*[set(a.index) & set(b.index) for a, b in raw.values()]))
+    if not seeds:
+        return None
+    cells = {}
+    for task, (after, own) in raw.items():
+        a, b = after.loc[seeds], own.loc[seeds]
+        common = sorted(set(a.columns[a.notna().all()]) & set(b.columns[b.notna().all()]))
+        if not common:
+            return None
+        cells[task] = (a[common], b[common])
+    return seeds, cells
+
+
+def _forgetting_steps(forgetting: pd.DataFrame) -> dict[str, list[str]]:
+    return {
+        method: grp.sort_values(["step_index", "task_index"])["step"].drop_duplicates().tolist()
+        for method, grp in forgetting.groupby("method", sort=True)
+    }
+
+
+def bwt_intervals(
+    bwt: pd.DataFrame, forgetting: pd.DataFrame, seeded: pd.DataFrame, settings: SummarySettings
+) -> pd.DataFrame:
+    """BWT with its training-seed spread and a percentile interval that resamples seeds, then cases.
+
+    Per seed and case, R[n, j] − R[j, j] on each earlier task j (the same test cases are scored after both
+    steps); the interval is :func:`hierarchical_bootstrap_tasks` of that change against zero (tasks weigh
+    equally, as in BWT). ``seed_sd`` is the sample sd of the per-seed BWT (NaN for one seed); one seed
+    gives the case bootstrap, so its interval says nothing about run-to-run variation.
+
+    Args:
+        bwt: :func:`backward_transfer`'s table.
+        forgetting: :func:`sequential_matrix`'s R (its step order).
+        seeded: the per-seed, per-case table of :func:`seed_case_table`.
+        settings: ``n_boot``, ``ci``, ``seed``, ``case_resampling``.
+    """
+    out = bwt.copy()
+    for col in BWT_COLUMNS[4:]:
+        out[col] = np.nan
+    steps = _forgetting_steps(forgetting)
+    for i, method in enumerate(out["method"]):
+        found = _forgetting_cells(seeded, method, steps[method])
+        if found is None:
+            continue
+        seeds, cells = found
+        change = [(a - b).to_numpy() for a, b in cells.values()]
+        _, low, high, seed_sd = hierarchical_bootstrap_tasks(
+            change,
+            [np.zeros_like(c) for c in change],
+            settings.n_boot,
+            settings.ci,
+            _stream(settings.seed, method, "bwt"),
+            case_resampling=settings.case_resampling,
+        )
+        out.loc[i, ["seeds", "cases", "seed_sd", "ci_low", "ci_high", "ci"]] = [
+            len(seeds),
+            sum(c.shape[1] for c in change),
+            seed_sd,
+            low,
+            high,
+            settings.ci,
+        ]
+    return out.astype({"seeds": "Int64", "cases": "Int64"})
+
+
+def _forgetting_values(cell: tuple[pd.DataFrame, pd.DataFrame], cases: list[str], quantity: str) -> np.ndarray:
+    after, own = cell[0][cases], cell[1][cases]
+    return (after - own).to_numpy() if quantity == "bwt" else after.to_numpy()
+
+
+def forgetting_comparisons(forgetting: pd.DataFrame, seeded: pd.DataFrame, settings: SummarySettings) -> pd.DataFrame:
+    """Reference − each other sequential method of the same task order: BWT and the Dice kept on earlier tasks.
+
+    ``bwt``: the difference of (R[n, j] − R[j, j]), how much less (positive) the reference forgets;
+    ``retained``: the difference of R[n, j], where the earlier tasks end up (it also holds how well each
+    method learned them). Per earlier task on the cases both methods have, averaged over tasks; intervals
+    as :func:`hierarchical_bootstrap_tasks` (seeds paired where both ran the same seeds). This is the
+    comparison of buffers (MDS, random, none) and of retention against sequential FT, EWC or LwF.
+    """
+    steps = _forgetting_steps(forgetting)
+    ref_name = settings.reference
+    if ref_name not in steps:
+        return pd.DataFrame(columns=FORGETTING_PAIRED_COLUMNS)
+    mine = _forgetting_cells(seeded, ref_name, steps[ref_name])
+    rows = []
+    for method, order in steps.items():
+        if method == ref_name or order != steps[ref_name] or mine is None:
+            continue
+        theirs = _forgetting_cells(seeded, method, order)
+        if theirs is None:
+            continue
+        (seeds_a, a), (seeds_b, b) = mine, theirs
+        common = {t: sorted(set(a[t][0].columns) & set(b[t][0].columns)) for t in a}
+        if not all(common.values()):
+            continue
+        for quantity in FORGETTING_QUANTITIES:
+            point, low, high, seed_sd = hierarchical_bootstrap_tasks(
+                [_forgetting_values(a[t], common[t], quantity) for t in a],
+                [_forgetting_values(b[t], common[t], quantity) for t in a],
+                settings.n_boot,
+                settings.ci,
+                _stream(settings.seed, ref_name, method, "forgetting", quantity),
+                paired_seeds=seeds_a == seeds_b,
+                case_resampling=settings.case_resampling,
+            )
+            rows.append(
+                {
+                    "reference": ref_name,
+                    "method": method,
+                    "quantity": quantity,
+                    "tasks": len(order),
+                    "final_step": order[-1],
+                    "cases": sum(len(c) for c in common.values()),
+                    "mean_diff": point,
+                    "ci_low": low,
+                    "ci_high": high,
+                    "ci": float(settings.ci),
+                    "n_boot": int(settings.n_boot),
+                    "seed": int(settings.seed),
+                    "seeds_ref": len(seeds_a),
+                    "seeds": len(seeds_b),
+                    "seed_sd": seed_sd,
+                }
+            )
+    return pd.DataFrame(rows, columns=FORGETTING_PAIRED_COLUMNS)
 
 
 def paired_comparisons(cases: pd.DataFrame, settings: SummarySettings) -> pd.DataFrame:
@@ -724,6 +936,7 @@ def _sections(
     budget: pd.DataFrame,
     logs: pd.DataFrame,
     settings: SummarySettings,
+    forgetting_paired: pd.DataFrame,
 ) -> list[Section]:
     out = [
         Section(
@@ -809,18 +1022,55 @@ def _sections(
             b = bwt[bwt["method"] == method]
             title = method + (f" (BWT {_signed(b['bwt'].iloc[0])})" if not b.empty else "")
             out.append(Section(3, title, "", ["model \\ task", *steps], rows))
+        pct = f"{round(100 * settings.ci)} %"
         out.append(
             Section(
                 3,
                 "Backward transfer",
-                "",
-                ["method", "BWT", "tasks", "final step"],
+                f"BWT of the mean over seeds; seed sd: the sample sd of the per-seed BWT; {pct} percentile "
+                "bootstrap interval of the per-case change R[n, j] − R[j, j] resampling training seeds, then "
+                f"test cases ({settings.n_boot} resamples; with one seed an interval over test cases only).",
+                ["method", "BWT", "seeds", "seed sd", f"{pct} CI", "tasks", "final step"],
                 [
-                    [m, _signed(v), str(n), s]
-                    for m, v, n, s in zip(bwt["method"], bwt["bwt"], bwt["tasks"], bwt["final_step"])
+                    [
+                        r.method,
+                        _signed(r.bwt),
+                        "–" if pd.isna(r.seeds) else str(int(r.seeds)),
+                        _fmt(r.seed_sd),
+                        "–" if not np.isfinite(r.ci_low) else f"[{_signed(r.ci_low)}, {_signed(r.ci_high)}]",
+                        str(r.tasks),
+                        r.final_step,
+                    ]
+                    for r in bwt.itertuples(index=False)
                 ],
             )
         )
+        if not forgetting_paired.empty:
+            out.append(
+                Section(
+                    3,
+                    f"Forgetting compared: {settings.reference} − each sequential method",
+                    f"Per earlier task on the test cases both methods have, then averaged over tasks: "
+                    f"`BWT` compares R[n, j] − R[j, j] (positive: {settings.reference} forgets less), "
+                    "`retained` compares R[n, j], the Dice kept on the earlier tasks after the last step "
+                    f"(positive: {settings.reference} keeps more). {pct} percentile bootstrap interval "
+                    "resampling training seeds (paired where both ran the same seeds), then test cases; "
+                    "seed sd: the sample sd over paired seeds of the per-seed difference.",
+                    ["method", "quantity", "seeds (ref / method)", "cases", "mean difference", f"{pct} CI", "seed sd"],
+                    [
+                        [
+                            r.method,
+                            "BWT" if r.quantity == "bwt" else "retained",
+                            f"{r.seeds_ref} / {r.seeds}",
+                            str(r.cases),
+                            _signed(r.mean_diff),
+                            f"[{_signed(r.ci_low)}, {_signed(r.ci_high)}]",
+                            _fmt(r.seed_sd),
+                        ]
+                        for r in forgetting_paired.itertuples(index=False)
+                    ],
+                )
+            )
     if paired.empty or not (paired["reference"] == settings.reference).any():
         out.append(
             Section(
@@ -938,9 +1188,10 @@ def run(
     Args:
         metrics: metrics tables of ``stages.evaluate`` (one per evaluated model).
         out: the summary folder: ``metrics.parquet`` (all rows), ``cases.parquet`` (per case, mean over
-            foreground classes), ``summary.parquet``, ``forgetting.parquet``, ``bwt.parquet``,
-            ``paired.parquet``, ``budget.parquet``, ``training_logs.parquet`` (empty tables with their
-            columns where nothing applies) and ``summary.md`` / ``summary.html``.
+            foreground classes), ``summary.parquet``, ``forgetting.parquet``, ``bwt.parquet`` (with
+            its seed spread and interval), ``paired.parquet``, ``forgetting_paired.parquet``,
+            ``budget.parquet``, ``training_logs.parquet`` (empty tables with their columns where
+            nothing applies) and ``summary.md`` / ``summary.html``.
         settings: see :class:`SummarySettings`.
         train_logs: the training logs, each labelled with the job that wrote it.
         budget: active-learning round tables (``strategy, round, labels, seed, dice``).
@@ -962,7 +1213,8 @@ def run(
     seeded = seed_case_table(table, conf.seed)
     summary = summary_table(table, conf.seed)
     forgetting = sequential_matrix(cases, conf.order)
-    bwt = backward_transfer(forgetting)
+    bwt = bwt_intervals(backward_transfer(forgetting), forgetting, seeded, conf)
+    forgetting_paired = forgetting_comparisons(forgetting, seeded, conf)
     paired = pd.concat([paired_comparisons(seeded, conf), active_paired_comparisons(seeded, conf)], ignore_index=True)
     paired = paired.astype({"compute_matched": bool}) if not paired.empty else paired
     rounds = [r for r in [*rounds, active_rounds(table, conf.labels_per_round)] if not r.empty]
@@ -993,9 +1245,10 @@ def run(
     write_parquet(forgetting, out / "forgetting.parquet", prov(metrics))
     write_parquet(bwt, out / "bwt.parquet", prov(metrics))
     write_parquet(paired, out / "paired.parquet", prov(metrics))
+    write_parquet(forgetting_paired, out / "forgetting_paired.parquet", prov(metrics))
     write_parquet(budget_curve, out / "budget.parquet", prov(budget))
     write_parquet(log_table, out / "training_logs.parquet", prov(log_paths))
-    sections = _sections(summary, forgetting, bwt, paired, budget_curve, log_table, conf)
+    sections = _sections(summary, forgetting, bwt, paired, budget_curve, log_table, conf, forgetting_paired)
     for name, text in (("summary.md", render_markdown(sections)), ("summary.html", render_html(sections))):
         with atomic_path(out / name) as tmp:
             tmp.write_text(text)
@@ -1007,6 +1260,7 @@ def run(
             "forgetting.parquet",
             "bwt.parquet",
             "paired.parquet",
+            "forgetting_paired.parquet",
             "budget.parquet",
             "training_logs.parquet",
         )

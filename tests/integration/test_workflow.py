@@ -262,6 +262,11 @@ def test_ewc_and_lwf_are_in_the_summary_and_the_forgetting_table(run: Path) -> N
     forgetting = pd.read_parquet(summary / "forgetting.parquet")
     assert set(forgetting.loc[forgetting["method"] == "ewc", "task"]) == {"organ_lesion", "paired_organs"}
     assert "| ewc |" in (summary / "summary.md").read_text()
+    # the forgetting of every sequential chain is compared with medseqft's, each with its interval
+    compared = pd.read_parquet(summary / "forgetting_paired.parquet")
+    assert set(compared["method"]) == set(bwt["method"]) - {"medseqft"} and {"ewc", "lwf"} <= set(compared["method"])
+    assert set(compared["quantity"]) == {"bwt", "retained"} and (compared["ci_low"] <= compared["ci_high"]).all()
+    assert bwt["ci_low"].notna().all() and (bwt["seeds"] == 1).all()
     # their first step is parallel FT's first model, copied byte for byte and said so (reuse_first_steps)
     runs = run / "results" / "runs"
     for method in ("ewc", "lwf"):

@@ -232,6 +232,7 @@ def test_run_writes_every_table_and_reruns_byte_identically(tmp_path: Path) -> N
         "forgetting.parquet",
         "bwt.parquet",
         "paired.parquet",
+        "forgetting_paired.parquet",
         "budget.parquet",
         "training_logs.parquet",
         "summary.md",
@@ -270,7 +271,14 @@ def test_run_without_budget_or_logs_writes_empty_tables(tmp_path: Path) -> None:
     df = metrics_frame()
     paths = write_metrics(tmp_path, df[df["method"] == "parallel_ft"])
     aggregate.main(["--metrics", *map(str, paths), "--out", str(tmp_path / "s"), "--settings", '{"n_boot": 100}'])
-    for name in ("budget.parquet", "training_logs.parquet", "forgetting.parquet", "bwt.parquet", "paired.parquet"):
+    for name in (
+        "budget.parquet",
+        "training_logs.parquet",
+        "forgetting.parquet",
+        "bwt.parquet",
+        "paired.parquet",
+        "forgetting_paired.parquet",
+    ):
         assert read_parquet(tmp_path / "s" / name).empty, name
     assert "No comparison: `medseqft`" in (tmp_path / "s" / "summary.md").read_text()
 
@@ -507,3 +515,130 @@ def test_equal_steps_control_is_in_the_assft_table() -> None:
     assert control["mean_diff"] == pytest.approx(0.05) and control["compute_matched"]
     assert control["seed_sd"] == pytest.approx(0.0) and control["seeds_ref"] == control["seeds"] == 2
     assert not out.loc["assft_random@round1", "compute_matched"]
+
+
+# ------------------------------------------------ forgetting over seeds: BWT intervals and comparisons
+
+
+def two_seed_sequence() -> pd.DataFrame:
+    """liver then spleen under seeds 0 and 1, three test cases per task, one foreground class.
+
+    medseqft keeps more of liver than sequential_ft; each cell below lists the three cases' Dice.
+    """
+    cells = {
+        # (method, seed, step, task): per-case Dice
+        ("medseqft", 0, "liver", "liver"): [0.80, 0.80, 0.80],
+        ("medseqft", 0, "spleen", "liver"): [0.70, 0.60, 0.50],  # change -0.1, -0.2, -0.3: -0.2
+        ("medseqft", 0, "spleen", "spleen"): [0.9, 0.9, 0.9],
+        ("medseqft", 1, "liver", "liver"): [0.90, 0.90, 0.90],
+        ("medseqft", 1, "spleen", "liver"): [0.90, 0.80, 0.70],  # change 0.0, -0.1, -0.2: -0.1
+        ("medseqft", 1, "spleen", "spleen"): [0.9, 0.9, 0.9],
+        ("sequential_ft", 0, "liver", "liver"): [0.80, 0.80, 0.80],
+        ("sequential_ft", 0, "spleen", "liver"): [0.20, 0.10, 0.00],  # change -0.6, -0.7, -0.8: -0.7
+        ("sequential_ft", 0, "spleen", "spleen"): [0.9, 0.9, 0.9],
+        ("sequential_ft", 1, "liver", "liver"): [0.80, 0.80, 0.80],
+        ("sequential_ft", 1, "spleen", "liver"): [0.40, 0.30, 0.20],  # change -0.4, -0.5, -0.6: -0.5
+        ("sequential_ft", 1, "spleen", "spleen"): [0.9, 0.9, 0.9],
+    }
+    rows = []
+    for (method, seed, step, task), per_case in cells.items():
+        for i, v in enumerate(per_case):
+            rows.append(
+                {
+                    "method": method,
+                    "step": step,
+                    "task": task,
+                    "case": f"{task}_{i:03d}",
+                    "class": 1,
+                    "metric": "dice",
+                    "value": v,
+                    "flag": "",
+                    "seed": seed,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def test_bwt_has_its_seed_spread_and_an_interval_over_seeds_then_cases() -> None:
+    df = two_seed_sequence()
+    settings = aggregate.SummarySettings(n_boot=2000, order=("liver", "spleen"))
+    forgetting = aggregate.sequential_matrix(aggregate.case_table(df), settings.order)
+    seeded = aggregate.seed_case_table(df)
+    bwt = aggregate.bwt_intervals(aggregate.backward_transfer(forgetting), forgetting, seeded, settings)
+    bwt = bwt.set_index("method")
+    assert bwt.loc["medseqft", "bwt"] == pytest.approx(-0.15)
+    assert bwt.loc["medseqft", "seeds"] == 2 and bwt.loc["medseqft", "cases"] == 3
+    assert bwt.loc["medseqft", "seed_sd"] == pytest.approx(np.std([-0.2, -0.1], ddof=1))
+    # the per-seed, per-case changes span -0.3 .. 0.0: the interval lies inside and holds the mean
+    assert -0.3 <= bwt.loc["medseqft", "ci_low"] < -0.15 < bwt.loc["medseqft", "ci_high"] <= 0.0
+    assert bwt.loc["sequential_ft", "bwt"] == pytest.approx(-0.6)
+    # one seed: the case interval, no seed spread
+    one = seeded[seeded["seed"] == 0]
+    bwt1 = aggregate.bwt_intervals(aggregate.backward_transfer(forgetting), forgetting, one, settings)
+    assert (bwt1["seeds"] == 1).all() and bwt1["seed_sd"].isna().all() and bwt1["ci_low"].notna().all()
+
+
+def test_forgetting_comparison_of_two_sequential_methods() -> None:
+    df = two_seed_sequence()
+    settings = aggregate.SummarySettings(n_boot=2000, order=("liver", "spleen"))
+    forgetting = aggregate.sequential_matrix(aggregate.case_table(df), settings.order)
+    table = aggregate.forgetting_comparisons(forgetting, aggregate.seed_case_table(df), settings)
+    rows = table.set_index("quantity")
+    assert set(table["method"]) == {"sequential_ft"} and set(table["reference"]) == {"medseqft"}
+    # BWT: seed 0 -0.2 - (-0.7) = 0.5, seed 1 -0.1 - (-0.5) = 0.4 (the same on every case)
+    assert rows.loc["bwt", "mean_diff"] == pytest.approx(0.45)
+    assert rows.loc["bwt", "seed_sd"] == pytest.approx(np.std([0.5, 0.4], ddof=1))
+    assert 0.4 - 1e-12 <= rows.loc["bwt", "ci_low"] < 0.45 < rows.loc["bwt", "ci_high"] <= 0.5 + 1e-12
+    # retained Dice on liver after spleen: seed 0 0.6 - 0.1 = 0.5, seed 1 0.8 - 0.3 = 0.5
+    assert rows.loc["retained", "mean_diff"] == pytest.approx(0.5)
+    assert rows.loc["retained", "seeds_ref"] == 2 and rows.loc["retained", "cases"] == 3
+    assert rows.loc["bwt", "tasks"] == 2 and rows.loc["bwt", "final_step"] == "spleen"
+    # a chain that learned the tasks in the other order is not compared (task order inferred here)
+    swap = {"liver": "spleen", "spleen": "liver"}
+    reverse = df[df["method"] == "sequential_ft"]
+    reverse = reverse.assign(method="reverse", step=reverse["step"].map(swap), task=reverse["task"].map(swap))
+    both = pd.concat([df, reverse], ignore_index=True)
+    inferred = aggregate.SummarySettings(n_boot=200)
+    forgetting = aggregate.sequential_matrix(aggregate.case_table(both), inferred.order)
+    table = aggregate.forgetting_comparisons(forgetting, aggregate.seed_case_table(both), inferred)
+    assert set(table["method"]) == {"sequential_ft"}
+
+
+def test_a_mean_over_tasks_weighs_every_task_the_same() -> None:
+    # task a: 2 cases of difference 0.1; task b: 6 cases of 0.3; no noise: the mean over tasks is 0.2
+    a, b = np.full((2, 2), 0.1), np.full((2, 6), 0.3)
+    mean, low, high, seed_sd = aggregate.hierarchical_bootstrap_tasks(
+        [a, b], [np.zeros_like(a), np.zeros_like(b)], 500, 0.95, np.random.default_rng(0)
+    )
+    assert mean == pytest.approx(0.2) and low == pytest.approx(0.2) and high == pytest.approx(0.2)
+    assert seed_sd == pytest.approx(0.0)
+    # one task: the same draws as hierarchical_bootstrap_ci
+    rng = np.random.default_rng(7)
+    ref, other = rng.random((3, 9)), rng.random((3, 9))
+    for resampling in ("shared", "per_seed"):
+        one = aggregate.hierarchical_bootstrap_tasks(
+            [ref], [other], 300, 0.9, np.random.default_rng(2), case_resampling=resampling
+        )
+        assert one == aggregate.hierarchical_bootstrap_ci(
+            ref, other, 300, 0.9, np.random.default_rng(2), case_resampling=resampling
+        )
+    with pytest.raises(ValueError, match="one matrix per task"):
+        aggregate.hierarchical_bootstrap_tasks([a], [], 10, 0.9, np.random.default_rng(0))
+
+
+def test_summary_shows_the_bwt_interval_and_the_forgetting_comparison(tmp_path: Path) -> None:
+    df = two_seed_sequence()
+    paths = []
+    for (method, seed, step), part in df.groupby(["method", "seed", "step"]):
+        folder = tmp_path / "eval" / f"{method}/seed{seed}" / step
+        write_parquet(part.reset_index(drop=True), folder / "metrics.parquet", make_provenance("evaluate", {}))
+        paths.append(folder / "metrics.parquet")
+    out = tmp_path / "summary"
+    aggregate.run(paths, out, {"n_boot": 400, "order": ["liver", "spleen"]})
+    md = (out / "summary.md").read_text()
+    assert "| method | BWT | seeds | seed sd | 95 % CI | tasks | final step |" in md
+    assert "| medseqft | -0.150 | 2 | 0.071 | [" in md
+    assert "### Forgetting compared: medseqft − each sequential method" in md
+    assert "| sequential_ft | BWT | 2 / 2 | 3 | +0.450 | [" in md
+    assert "| sequential_ft | retained | 2 / 2 | 3 | +0.500 | [" in md
+    assert read_parquet(out / "forgetting_paired.parquet").shape[0] == 2

@@ -14,6 +14,7 @@ rule aggregate_metrics:
         forgetting=f"{SUMMARY}/forgetting.parquet",
         bwt=f"{SUMMARY}/bwt.parquet",
         paired=f"{SUMMARY}/paired.parquet",
+        forgetting_paired=f"{SUMMARY}/forgetting_paired.parquet",
         budget=f"{SUMMARY}/budget.parquet",
         training_logs=f"{SUMMARY}/training_logs.parquet",
         table=f"{SUMMARY}/summary.md",
