@@ -71,45 +71,22 @@ LOG_STAGES = ("train", "teacher", "adapter", "pretrain")
 
 FORGETTING_COLUMNS = ["method", "step", "task", "step_index", "task_index", "dice", "cases"]
 BWT_COLUMNS = ["method", "bwt", "tasks", "final_step", "seeds", "cases", "seed_sd", "ci_low", "ci_high", "ci"]
-FORGETTING_PAIRED_COLUMNS = [
-    "reference",
-    "method",
-    "quantity",
-    "tasks",
-    "final_step",
-    "cases",
-    "mean_diff",
-    "ci_low",
-    "ci_high",
-    "ci",
-    "n_boot",
-    "seed",
-    "seeds_ref",
-    "seeds",
-    "seed_sd",
-]
 # what the forgetting comparison compares: the change on the earlier tasks, and where they end up
 FORGETTING_QUANTITIES = {"bwt": "BWT", "retained": "Dice on earlier tasks after the last step"}
+# a paired difference with its interval: every comparison table has these columns
+INTERVAL_COLUMNS = ["cases", "mean_diff", "ci_low", "ci_high", "ci", "n_boot", "seed", "seeds_ref", "seeds", "seed_sd"]
 PAIRED_COLUMNS = [
     "reference",
     "method",
     "task",
     "step",
     "metric",
-    "cases",
-    "mean_diff",
-    "ci_low",
-    "ci_high",
-    "ci",
-    "n_boot",
-    "seed",
-    "seeds_ref",
-    "seeds",
-    "seed_sd",
+    *INTERVAL_COLUMNS,
     "steps_ref",
     "steps",
     "compute_matched",
 ]
+FORGETTING_PAIRED_COLUMNS = ["reference", "method", "quantity", "tasks", "final_step", *INTERVAL_COLUMNS]
 CASE_RESAMPLING = ("shared", "per_seed")
 BUDGET_OUT_COLUMNS = ["strategy", "round", "labels", "dice_mean", "dice_std", "seeds"]
 LOG_KEYS = ["method", "step", "stage", "iteration"]
@@ -500,16 +477,24 @@ def _compare(
         paired_seeds=paired,
         case_resampling=settings.case_resampling,
     )
+    return _interval_row(len(common), (mean, low, high, seed_sd), len(a.index), len(b.index), settings)
+
+
+def _interval_row(
+    cases: int, result: tuple[float, float, float, float], seeds_ref: int, seeds: int, settings: SummarySettings
+) -> dict[str, Any]:
+    """The :data:`INTERVAL_COLUMNS` of one comparison from a bootstrap's (mean, low, high, seed sd)."""
+    mean, low, high, seed_sd = result
     return {
-        "cases": len(common),
+        "cases": int(cases),
         "mean_diff": mean,
         "ci_low": low,
         "ci_high": high,
         "ci": float(settings.ci),
         "n_boot": int(settings.n_boot),
         "seed": int(settings.seed),
-        "seeds_ref": int(len(a.index)),
-        "seeds": int(len(b.index)),
+        "seeds_ref": int(seeds_ref),
+        "seeds": int(seeds),
         "seed_sd": seed_sd,
     }
 
@@ -637,7 +622,7 @@ def forgetting_comparisons(forgetting: pd.DataFrame, seeded: pd.DataFrame, setti
         if not all(common.values()):
             continue
         for quantity in FORGETTING_QUANTITIES:
-            point, low, high, seed_sd = hierarchical_bootstrap_tasks(
+            result = hierarchical_bootstrap_tasks(
                 [_forgetting_values(a[t], common[t], quantity) for t in a],
                 [_forgetting_values(b[t], common[t], quantity) for t in a],
                 settings.n_boot,
@@ -653,16 +638,7 @@ def forgetting_comparisons(forgetting: pd.DataFrame, seeded: pd.DataFrame, setti
                     "quantity": quantity,
                     "tasks": len(order),
                     "final_step": order[-1],
-                    "cases": sum(len(c) for c in common.values()),
-                    "mean_diff": point,
-                    "ci_low": low,
-                    "ci_high": high,
-                    "ci": float(settings.ci),
-                    "n_boot": int(settings.n_boot),
-                    "seed": int(settings.seed),
-                    "seeds_ref": len(seeds_a),
-                    "seeds": len(seeds_b),
-                    "seed_sd": seed_sd,
+                    **_interval_row(sum(len(c) for c in common.values()), result, len(seeds_a), len(seeds_b), settings),
                 }
             )
     return pd.DataFrame(rows, columns=FORGETTING_PAIRED_COLUMNS)

@@ -405,23 +405,27 @@ def two_seed_metrics() -> pd.DataFrame:
         ("parallel_ft_2x", 0): [0.70, 0.70, 0.70],  # 0.70
         ("parallel_ft_2x", 1): [0.80, 0.80, 0.80],  # 0.80
     }
-    rows = []
-    for (method, seed), per_case in values.items():
-        for i, v in enumerate(per_case):
-            rows.append(
-                {
-                    "method": method,
-                    "step": "liver",
-                    "task": "liver",
-                    "case": f"liver_{i:03d}",
-                    "class": 1,
-                    "metric": "dice",
-                    "value": v,
-                    "flag": "",
-                    "seed": seed,
-                }
-            )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(
+        [r for (method, seed), v in values.items() for r in _seed_rows(method, seed, "liver", "liver", v)]
+    )
+
+
+def _seed_rows(method: str, seed: int, step: str, task: str, per_case: list[float]) -> list[dict]:
+    """Dice rows of one foreground class, one per test case, under a training seed."""
+    return [
+        {
+            "method": method,
+            "step": step,
+            "task": task,
+            "case": f"{task}_{i:03d}",
+            "class": 1,
+            "metric": "dice",
+            "value": v,
+            "flag": "",
+            "seed": seed,
+        }
+        for i, v in enumerate(per_case)
+    ]
 
 
 def test_aggregate_of_a_two_seed_evaluation_gives_the_seed_table(tmp_path: Path) -> None:
@@ -540,23 +544,7 @@ def two_seed_sequence() -> pd.DataFrame:
         ("sequential_ft", 1, "spleen", "liver"): [0.40, 0.30, 0.20],  # change -0.4, -0.5, -0.6: -0.5
         ("sequential_ft", 1, "spleen", "spleen"): [0.9, 0.9, 0.9],
     }
-    rows = []
-    for (method, seed, step, task), per_case in cells.items():
-        for i, v in enumerate(per_case):
-            rows.append(
-                {
-                    "method": method,
-                    "step": step,
-                    "task": task,
-                    "case": f"{task}_{i:03d}",
-                    "class": 1,
-                    "metric": "dice",
-                    "value": v,
-                    "flag": "",
-                    "seed": seed,
-                }
-            )
-    return pd.DataFrame(rows)
+    return pd.DataFrame([r for key, per_case in cells.items() for r in _seed_rows(*key, per_case)])
 
 
 def test_bwt_has_its_seed_spread_and_an_interval_over_seeds_then_cases() -> None:
