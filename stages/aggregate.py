@@ -551,6 +551,9 @@ def bwt_intervals(
 ) -> pd.DataFrame:
     """BWT with its training-seed spread and a percentile interval that resamples seeds, then cases.
 
+    ``bwt`` is recomputed over the seeds that have every cell of the chain (the R table averages each cell
+    over whichever seeds have it, which differ while a run is incomplete).
+
     Per seed and case, R[n, j] − R[j, j] on each earlier task j (the same test cases are scored after both
     steps); the interval is :func:`hierarchical_bootstrap_tasks` of that change against zero (tasks weigh
     equally, as in BWT). ``seed_sd`` is the sample sd of the per-seed BWT (NaN for one seed); one seed
@@ -572,7 +575,7 @@ def bwt_intervals(
             continue
         seeds, cells = found
         change = [(a - b).to_numpy() for a, b in cells.values()]
-        _, low, high, seed_sd = hierarchical_bootstrap_tasks(
+        point, low, high, seed_sd = hierarchical_bootstrap_tasks(
             change,
             [np.zeros_like(c) for c in change],
             settings.n_boot,
@@ -580,7 +583,10 @@ def bwt_intervals(
             _stream(settings.seed, method, "bwt"),
             case_resampling=settings.case_resampling,
         )
-        out.loc[i, ["seeds", "cases", "seed_sd", "ci_low", "ci_high", "ci"]] = [
+        # BWT over the seeds whose chain is complete, so that a run stopped half-way (or one seed behind)
+        # never pairs R[n, j] of some seeds with R[j, j] of others; equal to R's BWT once every seed is in
+        out.loc[i, ["bwt", "seeds", "cases", "seed_sd", "ci_low", "ci_high", "ci"]] = [
+            point,
             len(seeds),
             sum(c.shape[1] for c in change),
             seed_sd,

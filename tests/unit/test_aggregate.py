@@ -564,6 +564,15 @@ def test_bwt_has_its_seed_spread_and_an_interval_over_seeds_then_cases() -> None
     one = seeded[seeded["seed"] == 0]
     bwt1 = aggregate.bwt_intervals(aggregate.backward_transfer(forgetting), forgetting, one, settings)
     assert (bwt1["seeds"] == 1).all() and bwt1["seed_sd"].isna().all() and bwt1["ci_low"].notna().all()
+    # a chain one seed behind (seed 1 has no model after spleen yet): BWT only over seed 0, never the
+    # mean of seed 0's R[n, j] against both seeds' R[j, j]
+    behind = df[~((df["seed"] == 1) & (df["step"] == "spleen"))]
+    r_behind = aggregate.sequential_matrix(aggregate.case_table(behind), settings.order)
+    bwt2 = aggregate.bwt_intervals(
+        aggregate.backward_transfer(r_behind), r_behind, aggregate.seed_case_table(behind), settings
+    ).set_index("method")
+    assert aggregate.backward_transfer(r_behind).set_index("method").loc["medseqft", "bwt"] == pytest.approx(-0.25)
+    assert bwt2.loc["medseqft", "bwt"] == pytest.approx(-0.2) and bwt2.loc["medseqft", "seeds"] == 1
 
 
 def test_forgetting_comparison_of_two_sequential_methods() -> None:
