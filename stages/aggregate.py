@@ -72,7 +72,8 @@ LOG_STAGES = ("train", "teacher", "adapter", "pretrain")
 FORGETTING_COLUMNS = ["method", "step", "task", "step_index", "task_index", "dice", "cases"]
 BWT_COLUMNS = ["method", "bwt", "tasks", "final_step", "seeds", "cases", "seed_sd", "ci_low", "ci_high", "ci"]
 # what the forgetting comparison compares: the change on the earlier tasks, and where they end up
-FORGETTING_QUANTITIES = {"bwt": "BWT", "retained": "Dice on earlier tasks after the last step"}
+# (bwt: R[n, j] − R[j, j]; retained: R[n, j]) -> the name the summary shows
+FORGETTING_QUANTITIES = {"bwt": "BWT", "retained": "retained"}
 # a paired difference with its interval: every comparison table has these columns
 INTERVAL_COLUMNS = ["cases", "mean_diff", "ci_low", "ci_high", "ci", "n_boot", "seed", "seeds_ref", "seeds", "seed_sd"]
 PAIRED_COLUMNS = [
@@ -616,9 +617,11 @@ def forgetting_comparisons(forgetting: pd.DataFrame, seeded: pd.DataFrame, setti
     if ref_name not in steps:
         return pd.DataFrame(columns=FORGETTING_PAIRED_COLUMNS)
     mine = _forgetting_cells(seeded, ref_name, steps[ref_name])
+    if mine is None:
+        return pd.DataFrame(columns=FORGETTING_PAIRED_COLUMNS)
     rows = []
     for method, order in steps.items():
-        if method == ref_name or order != steps[ref_name] or mine is None:
+        if method == ref_name or order != steps[ref_name]:
             continue
         theirs = _forgetting_cells(seeded, method, order)
         if theirs is None:
@@ -1009,7 +1012,7 @@ def _sections(
             Section(
                 3,
                 "Backward transfer",
-                f"BWT of the mean over seeds; seed sd: the sample sd of the per-seed BWT; {pct} percentile "
+                f"BWT: the mean of the per-seed BWT over the seeds whose chain is complete; seed sd: their sample sd; {pct} percentile "
                 "bootstrap interval of the per-case change R[n, j] − R[j, j] resampling training seeds, then "
                 f"test cases ({settings.n_boot} resamples; with one seed an interval over test cases only).",
                 ["method", "BWT", "seeds", "seed sd", f"{pct} CI", "tasks", "final step"],
@@ -1042,7 +1045,7 @@ def _sections(
                     [
                         [
                             r.method,
-                            "BWT" if r.quantity == "bwt" else "retained",
+                            FORGETTING_QUANTITIES[r.quantity],
                             f"{r.seeds_ref} / {r.seeds}",
                             str(r.cases),
                             _signed(r.mean_diff),
