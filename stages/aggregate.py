@@ -1012,7 +1012,8 @@ def _sections(
             Section(
                 3,
                 "Backward transfer",
-                f"BWT: the mean of the per-seed BWT over the seeds whose chain is complete; seed sd: their sample sd; {pct} percentile "
+                "BWT: the mean of the per-seed BWT over the seeds whose chain is complete; seed sd: their "
+                f"sample sd; {pct} percentile "
                 "bootstrap interval of the per-case change R[n, j] − R[j, j] resampling training seeds, then "
                 f"test cases ({settings.n_boot} resamples; with one seed an interval over test cases only).",
                 ["method", "BWT", "seeds", "seed sd", f"{pct} CI", "tasks", "final step"],
