@@ -703,6 +703,10 @@ def active_paired_comparisons(cases: pd.DataFrame, settings: SummarySettings) ->
     its own semi-supervision baselines (``+all``; none = ``round<R>``; ``+continue``, the equal-steps
     control: the round model fine-tuned as long again on the labelled cases only). Intervals resample
     the chains' seeds, then cases (paired by seed where both ran the same seeds). Rows name ``method@step``.
+
+    Where the reference is semi-supervised, the DKD+ASD chain's own last-round model (``round<R>``) is a
+    second reference against the other strategies' last-round models: the same labels and the same
+    training steps, so it isolates the query strategy, as ``+continue`` isolates the pseudo-labels.
     """
     if "seed" not in cases.columns:
         cases = cases.assign(seed=settings.seed)
@@ -716,7 +720,17 @@ def active_paired_comparisons(cases: pd.DataFrame, settings: SummarySettings) ->
     ref = mine[mine["step"] == ref_step]
     others = active[(active["step"] == last) | active["step"].str.startswith(f"{last}+")]
     others = others[~((others["method"] == ACTIVE_REFERENCE) & (others["step"] == ref_step))]
-    reference = f"{ACTIVE_REFERENCE}@{ref_step}"
+    rows = _active_rows(f"{ACTIVE_REFERENCE}@{ref_step}", ref, others, settings)
+    if ref_step != last:
+        query_only = others[(others["step"] == last) & (others["method"] != ACTIVE_REFERENCE)]
+        rows += _active_rows(f"{ACTIVE_REFERENCE}@{last}", mine[mine["step"] == last], query_only, settings)
+    return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
+
+
+def _active_rows(
+    reference: str, ref: pd.DataFrame, others: pd.DataFrame, settings: SummarySettings
+) -> list[dict[str, Any]]:
+    """Paired rows of one active-learning reference model against each ``method@step`` in ``others``."""
     rows = []
     for (method, step, task, metric), other in others.groupby(["method", "step", "task", "metric"], sort=True):
         mine_rows = ref[(ref["task"] == task) & (ref["metric"] == metric)]
@@ -737,7 +751,7 @@ def active_paired_comparisons(cases: pd.DataFrame, settings: SummarySettings) ->
                 **_steps_of(settings, reference, name),
             }
         )
-    return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
+    return rows
 
 
 def active_rounds(metrics: pd.DataFrame, labels_per_round: int) -> pd.DataFrame:

@@ -251,6 +251,12 @@ def test_tiny_dag_compares_assft_with_its_equal_steps_control(run: Path) -> None
     assert (paired["seeds"] == 1).all()
     md = (run / "results" / "summary" / "summary.md").read_text()
     assert "## Paired comparison: assft_dkd_asd@round1+selective − each method" in md
+    # the query strategy alone: DKD+ASD's round model against random's and foreground-aware random's
+    query = paired[paired["reference"] == "assft_dkd_asd@round1"]
+    query = query[query["metric"] == "dice"].set_index("method")
+    assert sorted(query.index) == ["assft_fg_random@round1", "assft_random@round1"]
+    assert query["compute_matched"].all() and (query["steps"] == 6).all()
+    assert "## Paired comparison: assft_dkd_asd@round1 − each method" in md
 
 
 def test_ewc_and_lwf_are_in_the_summary_and_the_forgetting_table(run: Path) -> None:

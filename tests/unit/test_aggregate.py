@@ -327,12 +327,45 @@ def test_assft_is_compared_with_its_baselines_after_the_last_round() -> None:
                         "seed": seed,
                     }
                 )
-    out = active_paired_comparisons(case_table(pd.DataFrame(rows)), SummarySettings(n_boot=200)).set_index("method")
-    assert set(out["reference"]) == {"assft_dkd_asd@round1+selective"}
+    paired = active_paired_comparisons(case_table(pd.DataFrame(rows)), SummarySettings(n_boot=200))
+    assert list(paired["reference"].unique()) == ["assft_dkd_asd@round1+selective", "assft_dkd_asd@round1"]
+    out = paired[paired["reference"] == "assft_dkd_asd@round1+selective"].set_index("method")
     assert sorted(out.index) == ["assft_dkd_asd@round1", "assft_dkd_asd@round1+all", "assft_random@round1"]
     assert out.loc["assft_random@round1", "mean_diff"] == pytest.approx(0.19)  # 0.8 - mean(0.60, 0.62)
     assert out.loc["assft_dkd_asd@round1", "mean_diff"] == pytest.approx(0.10)
     assert (out["cases"] == 4).all()
+    # the query strategy alone: DKD+ASD's last-round model against the other strategies' last-round
+    # models (same labels, same steps), never against semi-supervised models or its own chain
+    query = paired[paired["reference"] == "assft_dkd_asd@round1"].set_index("method")
+    assert list(query.index) == ["assft_random@round1"]
+    assert query.loc["assft_random@round1", "mean_diff"] == pytest.approx(0.09)  # 0.7 - mean(0.60, 0.62)
+    assert query.loc["assft_random@round1", "cases"] == 4
+
+
+def test_without_semi_supervision_the_round_model_is_the_only_active_reference() -> None:
+    """No semi-supervised model: the last round model is ASSFT's, compared once with each baseline."""
+    from stages.aggregate import SummarySettings, active_paired_comparisons, case_table
+
+    rows = [
+        {
+            "method": method,
+            "step": "round1",
+            "task": "unseen",
+            "case": f"c{c}",
+            "class": 1,
+            "metric": "dice",
+            "value": base + 0.01 * c,
+            "flag": "",
+            "seed": 0,
+        }
+        for method, base in [("assft_dkd_asd", 0.7), ("assft_random", 0.6), ("assft_fg_random", 0.65)]
+        for c in range(3)
+    ]
+    out = active_paired_comparisons(case_table(pd.DataFrame(rows)), SummarySettings(n_boot=100))
+    assert set(out["reference"]) == {"assft_dkd_asd@round1"}
+    assert out.set_index("method")["mean_diff"].to_dict() == pytest.approx(
+        {"assft_fg_random@round1": 0.05, "assft_random@round1": 0.10}
+    )
 
 
 # ------------------------------------------------------------------ training seeds (issue 16, item 6)
@@ -514,11 +547,16 @@ def test_equal_steps_control_is_in_the_assft_table() -> None:
         "assft_random@round1": 6,
     }
     conf = aggregate.SummarySettings(n_boot=200, training_steps=steps)
-    out = aggregate.active_paired_comparisons(aggregate.seed_case_table(pd.DataFrame(rows)), conf).set_index("method")
+    paired = aggregate.active_paired_comparisons(aggregate.seed_case_table(pd.DataFrame(rows)), conf)
+    out = paired[paired["reference"] == "assft_dkd_asd@round1+selective"].set_index("method")
     control = out.loc["assft_dkd_asd@round1+continue"]
     assert control["mean_diff"] == pytest.approx(0.05) and control["compute_matched"]
     assert control["seed_sd"] == pytest.approx(0.0) and control["seeds_ref"] == control["seeds"] == 2
     assert not out.loc["assft_random@round1", "compute_matched"]
+    # the query strategy alone is compared at equal labels and equal steps
+    query = paired[paired["reference"] == "assft_dkd_asd@round1"].set_index("method")
+    assert query.loc["assft_random@round1", "compute_matched"]
+    assert query.loc["assft_random@round1", "mean_diff"] == pytest.approx(0.10)
 
 
 # ------------------------------------------------ forgetting over seeds: BWT intervals and comparisons
