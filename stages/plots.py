@@ -31,6 +31,7 @@ from stages.core.figures import FIGURE_STYLE, method_colours, save_figure
 from stages.core.geometry import apply_label_map
 from stages.core.io import make_provenance, read_parquet, read_provenance
 from stages.core.log import stage_log
+from stages.core.methods import ACTIVE_PREFIX
 from stages.core.settings import add_settings_argument, from_mapping, setting
 
 __all__ = [
@@ -124,16 +125,44 @@ def _grid(n: int, max_cols: int) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------------ figures
 
 
-def dice_boxplots(cases: pd.DataFrame, colours: Mapping[str, Any]) -> Figure | None:
+def _boxplot_rows(cases: pd.DataFrame) -> pd.DataFrame:
+    """The Dice rows the box plots draw, ``method`` renamed to the box's label, ``colour_key`` its colour's.
+
+    Own-step models (labelled by method); a run with none (only active-learning chains, e.g. an
+    ASSFT-only study) draws the chains' last-round models instead, labelled ``method@step``.
+    """
+    dice = cases[cases["metric"] == "dice"]
+    own = dice[dice["own_step"]]
+    if not own.empty:
+        return own.assign(colour_key=own["method"])
+    active = dice[dice["method"].str.startswith(ACTIVE_PREFIX)]
+    rounds = active["step"].str.extract(r"^round(\d+)", expand=False)
+    active = active[rounds.notna()]
+    if active.empty:
+        return active.assign(colour_key=active["method"])
+    last = f"round{rounds.dropna().astype(int).max()}"
+    active = active[(active["step"] == last) | active["step"].str.startswith(f"{last}+")]
+    return active.assign(colour_key=active["method"], method=active["method"] + "@" + active["step"])
+
+
+def dice_boxplots(cases: pd.DataFrame, colours: Mapping[str, Any]) -> Figure:
     """Per task, a box of per-case Dice for each method (own-step model), cases drawn as points.
+
+    A run with no own-step model draws its active-learning chains' last-round models; a run with no
+    test-set Dice at all gets a figure that says so, so the declared file always exists.
 
     Args:
         cases: ``cases.parquet`` of ``stages.aggregate`` (rows marked ``own_step`` are drawn).
         colours: method -> colour.
     """
-    dice = cases[(cases["metric"] == "dice") & cases["own_step"]]
+    dice = _boxplot_rows(cases)
     if dice.empty:
-        return None
+        fig = Figure(figsize=(4.0, 2.0), layout="constrained")
+        ax = fig.subplots()
+        ax.text(0.5, 0.5, "no test-set Dice in this run", ha="center", va="center")
+        ax.set_axis_off()
+        return fig
+    keys = dict(zip(dice["method"], dice["colour_key"]))
     tasks = sorted(dice["task"].unique())
     rows, cols = _grid(len(tasks), 3)
     width = max(3.0, 0.55 * dice.groupby("task")["method"].nunique().max() + 1.5)
@@ -145,7 +174,7 @@ def dice_boxplots(cases: pd.DataFrame, colours: Mapping[str, Any]) -> Figure | N
         values = [part[part["method"] == m]["value"].to_numpy() for m in methods]
         boxes = ax.boxplot(values, patch_artist=True, widths=0.6, showfliers=False)
         for patch, m in zip(boxes["boxes"], methods):
-            patch.set_facecolor(colours[m])
+            patch.set_facecolor(colours[keys[m]])
             patch.set_alpha(0.45)
         for i, v in enumerate(values, start=1):
             # fixed, evenly spread offsets instead of random jitter: same picture every run

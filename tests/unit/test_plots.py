@@ -143,6 +143,58 @@ def test_budget_figure_only_with_rounds(run_dir: Path) -> None:
     assert sorted(p.name for p in written) == ["budget.png", "dice_boxplots.png", "forgetting.png"]
 
 
+def _active_cases() -> pd.DataFrame:
+    """cases.parquet rows of an ASSFT-only run: two chains, two rounds, a semi-supervised last round."""
+    rows = [
+        {
+            "method": method,
+            "step": step,
+            "task": "target",
+            "case": f"c{c}",
+            "metric": metric,
+            "value": 0.5 + 0.1 * c,
+            "own_step": False,
+        }
+        for method, step in [
+            ("assft_dkd_asd", "round0"),
+            ("assft_dkd_asd", "round1"),
+            ("assft_dkd_asd", "round1+selective"),
+            ("assft_random", "round0"),
+            ("assft_random", "round1"),
+        ]
+        for c in range(3)
+        for metric in ("dice", "hd95")
+    ]
+    return pd.DataFrame(rows)
+
+
+def test_an_assft_only_run_draws_its_last_round_models() -> None:
+    """No own-step model (an ASSFT-only study): the box plot holds the chains' last-round models, so the
+    rule's declared figure exists (it was missing, and Snakemake failed the job)."""
+    drawn = plots._boxplot_rows(_active_cases())
+    assert sorted(drawn["method"].unique()) == [
+        "assft_dkd_asd@round1",
+        "assft_dkd_asd@round1+selective",
+        "assft_random@round1",
+    ]
+    assert set(drawn["metric"]) == {"dice"} and set(drawn["colour_key"]) == {"assft_dkd_asd", "assft_random"}
+    fig = plots.dice_boxplots(_active_cases(), {"assft_dkd_asd": "C0", "assft_random": "C1"})
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert labels == ["assft_dkd_asd@round1", "assft_dkd_asd@round1+selective", "assft_random@round1"]
+
+
+def test_own_step_models_are_drawn_without_the_active_chains(run_dir: Path) -> None:
+    cases = pd.read_parquet("results/summary/cases.parquet")
+    drawn = plots._boxplot_rows(pd.concat([cases, _active_cases()], ignore_index=True))
+    assert drawn["own_step"].all() and not drawn["method"].str.startswith("assft").any()
+
+
+def test_a_run_without_dice_still_writes_the_box_plot(tmp_path: Path) -> None:
+    empty = _active_cases().iloc[:0]
+    fig = plots.dice_boxplots(empty, {})
+    assert [t.get_text() for t in fig.axes[0].texts] == ["no test-set Dice in this run"]
+
+
 def test_overlay_maps_labels_and_reorients_to_canonical(run_dir: Path) -> None:
     case = "t_000"
     fig = plots.case_overlay(
