@@ -694,6 +694,20 @@ def paired_comparisons(cases: pd.DataFrame, settings: SummarySettings) -> pd.Dat
 ACTIVE_REFERENCE = active_method("dkd_asd")
 
 
+def last_round_rows(cases: pd.DataFrame) -> tuple[str | None, pd.DataFrame]:
+    """The active-learning chains' rows of the last query round: ``round<R>`` and its continuations.
+
+    Returns ``("round<R>", rows)`` where rows are every ``assft_*`` model at step ``round<R>`` or
+    ``round<R>+<variant>`` (semi-supervised, continued), or ``(None, no rows)`` without any round.
+    """
+    active = cases[cases["method"].str.startswith(ACTIVE_PREFIX)]
+    rounds = active["step"].str.extract(r"^round(\d+)", expand=False).dropna().astype(int)
+    if rounds.empty:
+        return None, active.iloc[:0]
+    last = f"round{rounds.max()}"
+    return last, active[(active["step"] == last) | active["step"].str.startswith(f"{last}+")]
+
+
 def active_paired_comparisons(cases: pd.DataFrame, settings: SummarySettings) -> pd.DataFrame:
     """ASSFT against its baselines on the same test cases after the last query round (docs/methods.md §2).
 
@@ -710,16 +724,13 @@ def active_paired_comparisons(cases: pd.DataFrame, settings: SummarySettings) ->
     """
     if "seed" not in cases.columns:
         cases = cases.assign(seed=settings.seed)
-    active = cases[cases["method"].str.startswith(ACTIVE_PREFIX) & cases["metric"].isin(PAIRED_METRICS)]
-    rounds = active["step"].str.extract(r"^round(\d+)", expand=False).dropna().astype(int)
-    if rounds.empty:
+    last, at_last = last_round_rows(cases[cases["metric"].isin(PAIRED_METRICS)])
+    if last is None:
         return pd.DataFrame(columns=PAIRED_COLUMNS)
-    last = f"round{rounds.max()}"
-    mine = active[active["method"] == ACTIVE_REFERENCE]
+    mine = at_last[at_last["method"] == ACTIVE_REFERENCE]
     ref_step = f"{last}+selective" if (mine["step"] == f"{last}+selective").any() else last
     ref = mine[mine["step"] == ref_step]
-    others = active[(active["step"] == last) | active["step"].str.startswith(f"{last}+")]
-    others = others[~((others["method"] == ACTIVE_REFERENCE) & (others["step"] == ref_step))]
+    others = at_last[~((at_last["method"] == ACTIVE_REFERENCE) & (at_last["step"] == ref_step))]
     rows = _active_rows(f"{ACTIVE_REFERENCE}@{ref_step}", ref, others, settings)
     if ref_step != last:
         query_only = others[(others["step"] == last) & (others["method"] != ACTIVE_REFERENCE)]

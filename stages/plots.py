@@ -26,12 +26,12 @@ from matplotlib.colors import BoundaryNorm, ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from stages.aggregate import last_round_rows
 from stages.core.errors import InputError, run_cli
 from stages.core.figures import FIGURE_STYLE, method_colours, save_figure
 from stages.core.geometry import apply_label_map
 from stages.core.io import make_provenance, read_parquet, read_provenance
 from stages.core.log import stage_log
-from stages.core.methods import ACTIVE_PREFIX
 from stages.core.settings import add_settings_argument, from_mapping, setting
 
 __all__ = [
@@ -135,13 +135,7 @@ def _boxplot_rows(cases: pd.DataFrame) -> pd.DataFrame:
     own = dice[dice["own_step"]]
     if not own.empty:
         return own.assign(colour_key=own["method"])
-    active = dice[dice["method"].str.startswith(ACTIVE_PREFIX)]
-    rounds = active["step"].str.extract(r"^round(\d+)", expand=False)
-    active = active[rounds.notna()]
-    if active.empty:
-        return active.assign(colour_key=active["method"])
-    last = f"round{rounds.dropna().astype(int).max()}"
-    active = active[(active["step"] == last) | active["step"].str.startswith(f"{last}+")]
+    _, active = last_round_rows(dice)
     return active.assign(colour_key=active["method"], method=active["method"] + "@" + active["step"])
 
 
